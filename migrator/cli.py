@@ -1,0 +1,191 @@
+"""`migrate`: global options, the core commands, and the commands plugins add."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import connection
+from .discovery import next_version
+from .errors import MigrateError
+from .plugins import describe, load_plugins, pm
+from .runner import Context, Migrator
+from .sqltext import check_identifier
+
+
+class App:
+    """Resolved global options plus a lazily opened client (status and pause may never open it)."""
+
+    def __init__(self, url, database, migrations_dir, cluster, debug):
+        self.url, self.database, self.cluster, self.debug = url, database, cluster, debug
+        self.migrations_dir = Path(migrations_dir)
+        self._target = None
+        self._client = None
+
+    @property
+    def target(self) -> connection.Target:
+        if self._target is None:
+            self._target = connection.resolve(self.url)
+        return self._target
+
+    @property
+    def client(self):
+        if self._client is None:
+            check_identifier(self.database)
+            self._client = connection.connect(self.target, sys.argv)
+        return self._client
+
+    def context(self, dry_run: bool = False) -> Context:
+        return Context(client=self.client, database=check_identifier(self.database),
+                       migrations_dir=self.migrations_dir, cluster=self.cluster, dry_run=dry_run,
+                       echo=click.echo, extra={"app": self})
+
+    def migrator(self, dry_run: bool = False) -> Migrator:
+        return Migrator(self.context(dry_run))
+
+
+def global_options(func):
+    """The options every entry point (`migrate`, `python -m backfill_plugin`) accepts."""
+    @click.option("--url", envvar="CLICKHOUSE_URL", default=None,
+                  help="chdb:///abs/path (embedded, default ./.chdb) or http(s)://user@host:port")
+    @click.option("--database", "-d", envvar="MIGRATE_DATABASE", default="default", show_default=True)
+    @click.option("--migrations-dir", envvar="MIGRATE_DIR", default="migrations", show_default=True)
+    @click.option("--cluster", envvar="MIGRATE_CLUSTER", default=None, help="ON CLUSTER name; replicated engines")
+    @click.option("--debug", is_flag=True, envvar="MIGRATE_DEBUG", help="show tracebacks")
+    @click.pass_context
+    @functools.wraps(func)
+    def wrapper(ctx, url, database, migrations_dir, cluster, debug, **kwargs):
+        ctx.obj = App(url, database, migrations_dir, cluster, debug)
+        return ctx.invoke(func, **kwargs)
+    return wrapper
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group()
+@global_options
+def cli():
+    """ClickHouse schema migrations with resumable backfills."""
+
+
+@cli.command()
+@click.option("--to", type=int, default=None, help="stop after this version")
+@click.option("--dry-run", is_flag=True, help="print the SQL, change nothing")
+@pass_app
+def up(app: App, to, dry_run):
+    """Apply pending migrations."""
+    applied = app.migrator(dry_run).up(to)
+    if not dry_run and not applied:
+        click.echo("nothing to apply")
+
+
+@cli.command()
+@click.option("--to", type=int, required=True, help="roll back every version above this one")
+@click.option("--dry-run", is_flag=True, help="print the SQL, change nothing")
+@pass_app
+def down(app: App, to, dry_run):
+    """Roll back migrations above --to."""
+    done = app.migrator(dry_run).down(to)
+    if not dry_run and not done:
+        click.echo("nothing to roll back")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def status(app: App, as_json):
+    """Applied version, pending versions and the dirty flag."""
+    st = app.migrator().status()
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"database:  {st['database']}")
+    click.echo(f"version:   {st['current_version']}" + ("  (DIRTY: partially applied "
+                                                         f"{st['partially_applied_version']})" if st["dirty"] else ""))
+    click.echo(f"pending:   {', '.join(map(str, st['pending_versions'])) or 'none'}")
+
+
+@cli.command()
+@click.argument("version", type=int)
+@pass_app
+def force(app: App, version):
+    """Mark VERSION as applied and clear the dirty flag (after a manual repair)."""
+    app.migrator().force(version)
+    click.echo(f"forced {app.database} to version {version}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql and .backfill.meta")
+@pass_app
+def new(app: App, name, backfill):
+    """Scaffold NNN_NAME files with the next version."""
+    from .scaffold import scaffold
+    for path in scaffold(app.migrations_dir, next_version(app.migrations_dir), name, backfill):
+        click.echo(f"created {path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json):
+    """Installed plugins and the hooks they implement."""
+    info = describe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for p in info:
+        click.echo(f"{p['name']}: {', '.join(p['hooks']) or '(no hooks)'}")
+
+
+def run(group: click.Group, argv=None) -> None:
+    """Run a click group with the project's error contract: one line on stderr, no traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("MIGRATE_DEBUG")
+    try:
+        group.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MigrateError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {connection.redact(str(exc))}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # an unexpected failure still gets one line unless --debug
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"error: {type(exc).__name__}: {connection.redact(first)} (rerun with --debug for details)", err=True)
+        sys.exit(1)
+
+
+_commands_added = False
+
+
+def build() -> click.Group:
+    """Load plugins and let them add their commands, once."""
+    global _commands_added
+    load_plugins()
+    if not _commands_added:
+        _commands_added = True
+        pm.hook.register_commands(cli=cli)
+    return cli
+
+
+def main(argv=None) -> None:
+    try:
+        group = build()
+    except Exception as exc:
+        if os.environ.get("MIGRATE_DEBUG") or "--debug" in sys.argv:
+            raise
+        click.echo(f"error: loading plugins failed: {exc}", err=True)
+        sys.exit(1)
+    run(group, argv)

@@ -1,0 +1,128 @@
+"""Turn a URL into a clickhouse-connect client: embedded chDB by default, a server over HTTP otherwise.
+
+The password never leaves this module in any printable form: `redact()` is what callers show.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import clickhouse_connect
+
+from .errors import MigrateError
+
+DEFAULT_STORE = ".chdb"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect: an embedded store path or a server URL (password kept out of repr)."""
+
+    url: str
+    store_path: Path | None  # set for embedded chDB
+
+    @property
+    def embedded(self) -> bool:
+        return self.store_path is not None
+
+    def __repr__(self) -> str:  # never leak a password through a repr in a traceback
+        return f"Target({redact(self.url)!r})"
+
+
+def resolve(url: str | None) -> Target:
+    """Default to an embedded store in ./.chdb so `migrate up` works with no server at all."""
+    url = url or os.environ.get("CLICKHOUSE_URL") or ""
+    if not url:
+        url = "chdb://" + str(Path(DEFAULT_STORE).resolve())
+    if url.startswith("chdb:"):
+        raw = url[len("chdb:"):]
+        if raw.startswith("//"):
+            raw = raw[2:]
+        if not raw.startswith("/"):
+            raw = str(Path(raw or DEFAULT_STORE).resolve())
+        return Target("chdb://" + raw, Path(raw))
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise MigrateError(f"--url {redact(url)!r}: expected chdb:///path or http(s)://user@host:port")
+    return Target(url, None)
+
+
+def redact(text: str) -> str:
+    """Mask a password given in a URL's userinfo or in CLICKHOUSE_PASSWORD wherever it appears."""
+    if not text:
+        return text
+    secrets = [os.environ.get("CLICKHOUSE_PASSWORD") or ""]
+    for word in text.split():
+        try:
+            parsed = urllib.parse.urlsplit(word.strip("'\"(),"))
+            if parsed.password:
+                secrets.append(parsed.password)
+        except ValueError:
+            continue
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+        text = text.replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
+
+
+def control_dir(target: Target) -> Path | None:
+    """The folder beside an embedded store for flag files (owner, live status, pause requests)."""
+    if target.store_path is None:
+        return None
+    return target.store_path.with_name(target.store_path.name + ".control")
+
+
+def _owner_file(target: Target) -> Path | None:
+    cdir = control_dir(target)
+    return cdir / "owner.json" if cdir else None
+
+
+def store_owner(target: Target) -> dict | None:
+    """Who holds an embedded store, as recorded by the process that opened it (None if unknown)."""
+    path = _owner_file(target)
+    try:
+        return json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def _claim_store(target: Target, argv: list[str]) -> None:
+    path = _owner_file(target)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(argv)}))
+    os.replace(tmp, path)
+
+
+def connect(target: Target, argv: list[str] | None = None):
+    """Open the client; a store held by another process is a one-line error naming that process."""
+    if target.embedded:
+        target.store_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            client = clickhouse_connect.get_client(dsn=target.url)
+        except Exception as exc:  # chDB refuses a store another process holds
+            owner = store_owner(target)
+            who = f"pid {owner['pid']} ({owner.get('command', '?')})" if owner else "another process"
+            raise MigrateError(
+                f"store {target.store_path} is held by {who}; wait for it to finish, or use "
+                f"'migrate backfill status|pause' which work while a run holds the store ({type(exc).__name__})"
+            ) from None
+        _claim_store(target, argv or ["migrate"])
+        return client
+    parsed = urllib.parse.urlsplit(target.url)
+    try:
+        return clickhouse_connect.get_client(
+            host=parsed.hostname,
+            port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+            username=urllib.parse.unquote(parsed.username or "default"),
+            password=os.environ.get("CLICKHOUSE_PASSWORD") or urllib.parse.unquote(parsed.password or ""),
+            secure=parsed.scheme == "https",
+        )
+    except Exception as exc:
+        raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(str(exc)).splitlines()[0]}") from None

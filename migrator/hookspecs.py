@@ -1,0 +1,27 @@
+"""The migrator's extension points. Each one is documented, with an example, in docs/plugins.md."""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("migrator")
+
+
+@hookspec
+def register_commands(cli):
+    """Add click commands or groups to the `migrate` CLI (the backfill plugin adds `backfill`)."""
+
+
+@hookspec
+def after_migration_applied(context, migration):
+    """Called after each version commits during `migrate up`."""
+
+
+@hookspec
+def register_backfill(context, migration):
+    """Called for each newly applied version that ships `.backfill.sql` + `.backfill.meta`.
+
+    Return a short line for `migrate up` to print (or None).
+    """
+
+
+@hookspec
+def after_migration_rolled_back(context, migration):
+    """Called after `migrate down` has rolled a version back (its backfill state must not survive)."""
