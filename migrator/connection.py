@@ -69,6 +69,10 @@ def redact(text: str) -> str:
     return text
 
 
+class StoreHeld(MigrateError):
+    """The embedded store is open in another process (chDB allows one process per store)."""
+
+
 def control_dir(target: Target) -> Path | None:
     """The folder beside an embedded store for flag files (owner, live status, pause requests)."""
     if target.store_path is None:
@@ -109,7 +113,7 @@ def connect(target: Target, argv: list[str] | None = None):
         except Exception as exc:  # chDB refuses a store another process holds
             owner = store_owner(target)
             who = f"pid {owner['pid']} ({owner.get('command', '?')})" if owner else "another process"
-            raise MigrateError(
+            raise StoreHeld(
                 f"store {target.store_path} is held by {who}; wait for it to finish, or use "
                 f"'migrate backfill status|pause' which work while a run holds the store ({type(exc).__name__})"
             ) from None

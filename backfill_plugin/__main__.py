@@ -1,0 +1,18 @@
+"""`python -m backfill_plugin ...`: the backfill commands with the same global options as `migrate`."""
+import click
+
+from migrator.cli import global_options, run
+from migrator.plugins import load_plugins
+
+from .cli import backfill
+
+
+@click.group(cls=click.Group, commands=backfill.commands, help=backfill.help)
+@global_options
+def main():
+    pass
+
+
+if __name__ == "__main__":
+    load_plugins()
+    run(main)

@@ -1,0 +1,116 @@
+"""`db_management.backfills`: insert-only versioned rows; the newest version is the state.
+
+A checkpoint write is one single-row INSERT, so it is atomic; history stays for audit.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from migrator.sqltext import on_cluster
+from migrator.tracking import next_version
+
+from .errors import BackfillError
+
+TABLE = "db_management.backfills"
+SCHEMA = [
+    "CREATE DATABASE IF NOT EXISTS db_management",
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        backfill_id String,
+        migration_version UInt64,
+        db_name String,
+        status String,
+        checkpoint_data String,
+        rows_processed UInt64,
+        started_at Nullable(DateTime64(3)),
+        updated_at DateTime64(3) DEFAULT now64(3),
+        completed_at Nullable(DateTime64(3)),
+        error_log Nullable(String),
+        version UInt64,
+        writer String DEFAULT ''
+    ) ENGINE = MergeTree ORDER BY (db_name, migration_version, version)""",
+]
+COLUMNS = ["backfill_id", "migration_version", "db_name", "status", "checkpoint_data", "rows_processed",
+           "started_at", "updated_at", "completed_at", "error_log", "version", "writer"]
+STATUSES = ("pending", "running", "paused", "completed", "failed")
+
+
+def backfill_id(database: str, version: int) -> str:
+    return f"{database}_{version}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class Row:
+    """One version of a backfill's state."""
+
+    backfill_id: str
+    migration_version: int
+    db_name: str
+    status: str = "pending"
+    checkpoint: dict = field(default_factory=dict)
+    rows_processed: int = 0
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_log: str | None = None
+    version: int = 0
+    writer: str = ""
+
+
+class CheckpointStore:
+    """Load and save backfill rows; corrupt state is an error, never a silent restart from zero."""
+
+    def __init__(self, client, cluster: str | None = None):
+        self.client = client
+        for stmt in SCHEMA:
+            client.command(on_cluster(stmt, cluster) if cluster else stmt)
+
+    def _select(self, where: str, params: dict, per_id: bool = False) -> list[tuple]:
+        cols = ", ".join(COLUMNS)
+        limit = "LIMIT 1 BY backfill_id" if per_id else ""
+        return self.client.query(f"SELECT {cols} FROM {TABLE} WHERE {where} ORDER BY version DESC, writer DESC {limit}",
+                                 parameters=params).result_rows
+
+    def _row(self, values: tuple) -> Row:
+        data = dict(zip(COLUMNS, values))
+        raw = data.pop("checkpoint_data")
+        try:
+            checkpoint = json.loads(raw) if raw else {}
+            if not isinstance(checkpoint, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise BackfillError(
+                f"checkpoint_data of backfill {data['backfill_id']} (row version {data['version']}) is corrupt "
+                f"({exc}); nothing was run. Repair it by inserting a corrected row, or start over with "
+                f"'migrate backfill reset {data['migration_version']} --yes'") from None
+        return Row(checkpoint=checkpoint, **data)
+
+    def load(self, bid: str) -> Row | None:
+        rows = self._select("backfill_id = {b:String}", {"b": bid})
+        return self._row(rows[0]) if rows else None
+
+    def load_all(self, database: str | None = None) -> list[Row]:
+        """Newest row of each backfill (one database or all); corrupt rows raise."""
+        where, params = ("db_name = {d:String}", {"d": database}) if database else ("1", {})
+        return [self._row(r) for r in self._select(where, params, per_id=True)]
+
+    def save(self, row: Row) -> Row:
+        """Insert a new version; `row.version` becomes that version."""
+        row.version = next_version()
+        row.updated_at = utcnow()
+        row.rows_processed = int(row.checkpoint.get("rows_processed", row.rows_processed))
+        values = {**row.__dict__, "checkpoint_data": json.dumps(row.checkpoint, default=str, ensure_ascii=False)}
+        self.client.insert(TABLE, [[values[c] for c in COLUMNS]], column_names=COLUMNS)
+        return row
+
+    def paused_by_others(self, bid: str, since_version: int, me: str) -> bool:
+        """Did anyone but `me` write a paused row after `since_version` (a pause request)?"""
+        return bool(self.client.command(
+            f"SELECT count() FROM {TABLE} WHERE backfill_id = {{b:String}} AND version > {{v:UInt64}} "
+            f"AND status = 'paused' AND writer != {{w:String}}",
+            parameters={"b": bid, "v": since_version, "w": me}))

@@ -1,0 +1,267 @@
+"""`migrate backfill ...`: the operator's interface for multi-hour backfills."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from migrator import connection
+from migrator.cli import App, pass_app
+
+from .checkpoint import STATUSES, backfill_id
+from .control import ControlChannel
+from .errors import BackfillError
+
+
+def control_for(app: App) -> ControlChannel | None:
+    directory = connection.control_dir(app.target)
+    return ControlChannel(directory) if directory else None
+
+
+def manager(app: App):
+    from .manager import ClickHouseBackfillManager
+    return ClickHouseBackfillManager(app.client, migrations_dir=app.migrations_dir, cluster=app.cluster,
+                                     control=control_for(app))
+
+
+def _fmt(value, unknown="unknown") -> str:
+    return unknown if value is None else str(value)
+
+
+@click.group()
+def backfill():
+    """Resumable, checkpointed data backfills."""
+
+
+@backfill.command("list")
+@click.option("--status", type=click.Choice(STATUSES + ("not registered",)), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def list_cmd(app: App, status, as_json):
+    """Backfills of the database, registered or only discovered."""
+    items = manager(app).list_backfills(app.database, status)
+    if as_json:
+        keys = ["migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
+                "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at"]
+        click.echo(json.dumps([{k: i[k] for k in keys} for i in items], indent=2, default=str))
+        return
+    table = Table("Version", "Description", "Status", "Progress", "Rows", "Started", "Updated")
+    for i in items:
+        progress = "unknown" if i["progress_percent"] is None else f"{i['progress_percent']:.1f}%"
+        table.add_row(str(i["migration_version"]), i["description"], i["status"], progress,
+                      f"{i['rows_processed']:,}", _fmt(i["started_at"], "-")[:19], _fmt(i["updated_at"], "-")[:19])
+    Console(width=160).print(table)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop at the batch boundary. Second: interrupt the batch (it will be replayed)."""
+
+    def __init__(self, mgr):
+        self.mgr, self.signum, self.previous = mgr, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.mgr.request_stop()
+        click.echo(f"\n{signal.Signals(signum).name}: stopping after the current batch "
+                   f"(send again to interrupt it; it will be replayed)", err=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum if self.signum else 130
+
+
+def _run(app: App, version: int, resume: bool, **kwargs) -> None:
+    mgr = manager(app)
+    tty = sys.stdout.isatty()
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+                        TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
+                        TextColumn("batch {task.fields[size]}"), disable=not tty)
+    task = None
+
+    def on_batch(summary, event):
+        nonlocal task
+        if tty:
+            total = summary["rows_processed"] + (summary["rows_remaining"] or 0)
+            if task is None:
+                task = progress.add_task(f"backfill {version}", total=total, rate="-", size="-")
+            progress.update(task, completed=summary["rows_processed"], total=total,
+                            rate=_fmt(summary["rows_per_second"], "-"), size=summary["current_batch_size"])
+        else:
+            click.echo(f"batch {event['number']}: {event['rows']} rows in {event['seconds']}s, "
+                       f"total {summary['rows_processed']:,} ({_fmt(summary['progress_percent'])}%), "
+                       f"{_fmt(summary['rows_per_second'])} rows/s, eta {_fmt(summary['eta_seconds'])}s, "
+                       f"batch size {summary['current_batch_size']}")
+
+    started = time.time()
+    with _Signals(mgr) as signals, progress:
+        try:
+            call = mgr.resume_backfill if resume else mgr.run_backfill
+            result = call(app.database, version, on_batch=on_batch, **kwargs)
+        except KeyboardInterrupt:
+            progress.stop()
+            click.echo(f"interrupted inside a batch; its range will be replayed. "
+                       f"Resume with 'migrate backfill resume {version}'", err=True)
+            sys.exit(signals.exit_code)
+    elapsed = time.time() - started
+    stopped = result.get("stopped")
+    click.echo(f"backfill {version}: {result['status']} ({stopped}); {result['rows_processed']:,} rows processed, "
+               f"{result['batches_completed']} batches, batch size {result['current_batch_size']}, {elapsed:.1f}s")
+    if stopped == "stop requested":
+        click.echo(f"paused at a batch boundary; resume with 'migrate backfill resume {version}'", err=True)
+        sys.exit(signals.exit_code)
+    if stopped == "lease lost":
+        raise BackfillError(f"backfill {version}: another runner took over the lease; this one stopped")
+
+
+def _params(values) -> dict:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--param")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--max-batches", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="override the current batch size")
+@click.option("--param", "params", multiple=True, help="key=value; fixes a param on the first run")
+@click.option("--dry-run", is_flag=True, help="show scope, first range and SQL; write nothing")
+@pass_app
+def run(app: App, version, max_batches, batch_size, params, dry_run):
+    """Run (or continue) a backfill until it completes."""
+    if dry_run:
+        out = manager(app).run_backfill(app.database, version, batch_size=batch_size,
+                                        params=_params(params), dry_run=True)
+        click.echo(f"backfill {version}: status {out['status']}, {out['rows_remaining']:,} source rows past the position")
+        if out["first_batch"] is None:
+            click.echo("nothing left to do")
+            return
+        fb = out["first_batch"]
+        click.echo(f"first batch: after {fb['start']} up to and including {fb['end']} ({fb['rows']:,} rows)")
+        click.echo(f"params: {json.dumps(out['checkpoint'].get('params') or {})}" if out["checkpoint"].get("params")
+                   else "params: evaluated at first start")
+        click.echo("-- rendered SQL")
+        click.echo(out["sql"])
+        return
+    _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params))
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--max-batches", type=click.IntRange(min=1), default=None)
+@pass_app
+def resume(app: App, version, max_batches):
+    """Continue a paused or failed backfill from its checkpoint."""
+    _run(app, version, resume=True, max_batches=max_batches)
+
+
+def _held_by_other(app: App) -> bool:
+    """True when an embedded store is open in another process (then only the control channel works)."""
+    if not app.target.embedded:
+        return False
+    try:
+        app.client
+        return False
+    except connection.StoreHeld:
+        return True
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def status(app: App, version, as_json):
+    """Position, rows, batch size, progress, rate, ETA, last error and lease."""
+    if _held_by_other(app):
+        info = control_for(app).read_status(backfill_id(app.database, version))
+        if info is None:
+            raise BackfillError(f"the store is held by another process and it has published no status for "
+                                f"backfill {backfill_id(app.database, version)}")
+        info["source"] = "control channel (live file written by the runner each batch)"
+    else:
+        info = manager(app).get_status(app.database, version)
+        info["source"] = "tracking table"
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    rows = [("backfill", info["backfill_id"]), ("status", info["status"]),
+            ("position", json.dumps(info["position"], ensure_ascii=False)),
+            ("rows processed", f"{info['rows_processed']:,}"), ("batches", info["batches_completed"]),
+            ("batch size", info["current_batch_size"]),
+            ("progress", "unknown" if info["progress_percent"] is None else f"{info['progress_percent']}%"),
+            ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", f"{_fmt(info['eta_seconds'])} s"),
+            ("started", _fmt(info["started_at"], "-")), ("updated", _fmt(info["updated_at"], "-")),
+            ("last error", _fmt(info["error_log"], "-")), ("lease", _fmt((info.get("lease") or {}).get("owner"), "-")),
+            ("params", json.dumps((info.get("checkpoint") or {}).get("params"))), ("source", info["source"])]
+    for key, value in rows:
+        click.echo(f"{key:15} {value}")
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@pass_app
+def pause(app: App, version):
+    """Stop a running backfill at its next batch boundary."""
+    bid = backfill_id(app.database, version)
+    if _held_by_other(app):
+        control_for(app).request_pause(bid)
+        owner = connection.store_owner(app.target) or {}
+        click.echo(f"pause requested for {bid}; runner pid {owner.get('pid', '?')} stops at the next batch boundary")
+        return
+    manager(app).pause_backfill(app.database, version)
+    click.echo(f"paused {bid} (a running runner stops at its next batch boundary)")
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--yes", is_flag=True, help="confirm: progress is forgotten")
+@pass_app
+def reset(app: App, version, yes):
+    """Forget a backfill's progress so that the next run starts from the beginning."""
+    if not yes:
+        raise BackfillError(f"reset forgets all progress of backfill {version}; add --yes to confirm")
+    manager(app).reset_backfill(app.database, version)
+    click.echo(f"reset {backfill_id(app.database, version)} to pending")
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def validate(app: App, version, as_json):
+    """Run the backfill's validation checks; exit non-zero on any mismatch."""
+    from .validate import validate as run_checks
+    results = run_checks(manager(app), app.database, version)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+    else:
+        table = Table("Check", "Expected", "Actual", "Result")
+        for r in results:
+            table.add_row(str(r.get("check")), str(r.get("expected")), str(r.get("actual")),
+                          "ok" if r["ok"] else "MISMATCH")
+        Console(width=160).print(table)
+    failed = [r for r in results if not r["ok"]]
+    if failed:
+        raise BackfillError(f"validation of backfill {version} failed: {', '.join(str(r.get('check')) for r in failed)}")
+    click.echo(f"validation of backfill {version} passed ({len(results)} checks)")

@@ -1,0 +1,25 @@
+"""Extension points the backfill plugin adds to the `migrator` plugin manager (see docs/plugins.md)."""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("migrator")
+
+
+@hookspec
+def backfill_placeholders(backfill, checkpoint):
+    """Return a dict of extra placeholder values for the batch about to run (or None).
+
+    `backfill` exposes version, database and metadata; `checkpoint` is the current checkpoint dict.
+    """
+
+
+@hookspec
+def backfill_batch_completed(backfill, batch):
+    """Called after each committed batch, for metrics and notifications.
+
+    `batch` is a dict: number, range_start, range_end, rows, seconds, batch_size, rows_processed.
+    """
+
+
+@hookspec
+def backfill_status_changed(backfill, status, error):
+    """Called when a backfill moves to running, paused, completed or failed (error set on failed)."""

@@ -1,0 +1,86 @@
+"""The framework-owned key range: where the next batch ends, and the predicate that selects it.
+
+Batch ends are read from the *source* in sorting-key order with `LIMIT n WITH TIES`, so every
+row of a key lands in one batch and the cost depends on the batch, not on how deep the walk is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .render import literal
+
+_NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
+
+
+def _is_numeric(ch_type: str) -> bool:
+    base = ch_type.replace("LowCardinality(", "")
+    return base.startswith(_NUMERIC)
+
+
+def _is_string(ch_type: str) -> bool:
+    return ch_type.replace("LowCardinality(", "").startswith(("String", "FixedString"))
+
+
+@dataclass
+class KeySpace:
+    """The checkpoint columns of one source table and their types."""
+
+    database: str
+    table: str
+    types: dict[str, str]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.types)
+
+    def _exact(self, col: str, expr: str) -> str:
+        typ = self.types[col]
+        if _is_string(typ) or (_is_numeric(typ) and not typ.startswith(("Float", "Decimal"))):
+            return expr
+        return f"toString({expr})"  # dates, UUIDs, decimals: exact text that compares back
+
+    def default(self, col: str):
+        """What `{checkpoint_<col>}` shows before the first batch."""
+        return 0 if _is_numeric(self.types[col]) else ""
+
+    def value(self, col: str, value):
+        return int(value) if _is_numeric(self.types[col]) and isinstance(value, int) else value
+
+    def after(self, position: list | None) -> str:
+        """Predicate: key strictly greater than `position` (TRUE when there is none)."""
+        return "1" if position is None else self._compare(position, ">", strict_last=True)
+
+    def upto(self, end: list) -> str:
+        """Predicate: key less than or equal to `end`."""
+        return self._compare(end, "<", strict_last=False)
+
+    def range_predicate(self, start: list | None, end: list) -> str:
+        """Exactly the keys in (start, end]; no lower bound on the first batch."""
+        return self.upto(end) if start is None else f"{self.after(start)} AND {self.upto(end)}"
+
+    def _compare(self, point: list, op: str, strict_last: bool) -> str:
+        cols, lits = self.columns, [literal(v) for v in point]
+        terms = []
+        for i, col in enumerate(cols):
+            last = i == len(cols) - 1
+            eqs = [f"{cols[j]} = {lits[j]}" for j in range(i)]
+            this_op = op if (strict_last or not last) else op + "="
+            terms.append("(" + " AND ".join(eqs + [f"{col} {this_op} {lits[i]}"]) + ")")
+        first = f"{cols[0]} {op}= {lits[0]}"  # a plain bound on the first column lets the index prune
+        return f"({first} AND ({' OR '.join(terms)}))"
+
+    def next_batch(self, client, position: list | None, batch_size: int) -> tuple[list, int] | None:
+        """(last key of the next batch, its source row count), or None when no key is left."""
+        cols = ", ".join(self.columns)
+        inner = (f"SELECT {cols} FROM {self.database}.{self.table} WHERE {self.after(position)} "
+                 f"ORDER BY {cols} LIMIT {int(batch_size)} WITH TIES")
+        picks = ", ".join(f"tupleElement(max(tuple({cols})), {i + 1}) AS _k{i}" for i in range(len(self.columns)))
+        outer = ", ".join(self._exact(c, f"_k{i}") for i, c in enumerate(self.columns))
+        row = client.query(f"SELECT {outer}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))").result_rows[0]
+        if not row[-1]:
+            return None
+        return [self.value(c, v) for c, v in zip(self.columns, row[:-1])], int(row[-1])
+
+    def remaining(self, client, position: list | None) -> int:
+        """Source rows past the position (for progress and ETA; not run per batch)."""
+        return int(client.command(f"SELECT count() FROM {self.database}.{self.table} WHERE {self.after(position)}"))

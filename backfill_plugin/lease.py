@@ -1,0 +1,62 @@
+"""Who runs a backfill: a lease in checkpoint_data, refreshed by a heartbeat thread.
+
+A second runner is refused while the lease is fresh; a lease whose heartbeat is older than
+`BACKFILL_LEASE_SECONDS` (default 60), or whose process is gone on this host, can be taken over.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+DEFAULT_SECONDS = 60.0
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("BACKFILL_LEASE_SECONDS", DEFAULT_SECONDS))
+
+
+def new_lease(owner: str) -> dict:
+    return {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder(lease: dict | None, me: str, seconds: float | None = None) -> dict | None:
+    """The live lease held by someone else, or None if it is ours, stale or absent."""
+    if not lease or lease.get("owner") == me:
+        return None
+    age = time.time() - float(lease.get("heartbeat", 0))
+    if age > (seconds if seconds is not None else lease_seconds()):
+        return None
+    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0))):
+        return None
+    return lease
+
+
+class Heartbeat(threading.Thread):
+    """Re-save the current row every lease/4 seconds, so a long batch keeps its lease fresh."""
+
+    def __init__(self, beat, seconds: float | None = None):
+        super().__init__(daemon=True, name="backfill-heartbeat")
+        self.beat, self.interval = beat, (seconds or lease_seconds()) / 4
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # a missed heartbeat only risks a takeover, which the lease check catches
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,468 @@
+"""ClickHouseBackfillManager: the batch loop that owns the key range and makes replays exactly-once.
+
+Per batch (DESIGN.md, "The batch protocol"): find the batch's last key on the source, write the
+in-flight range ahead, run the SQL for exactly that range with a deterministic dedup token, then
+advance. Migration-specific logic stays in the SQL; this file only keeps position and promises.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator import tracking
+from migrator.discovery import discover
+from migrator.plugins import pm
+from migrator.sqltext import check_identifier, split_statements
+
+from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
+from .errors import BackfillError
+from .keys import KeySpace
+from .lease import Heartbeat, holder, lease_seconds, new_lease
+from .meta import BackfillSpec, check_source, load_spec
+from .render import Raw, render
+
+log = logging.getLogger("backfill")
+OOM, RECENT = 241, 20
+
+
+@dataclass
+class BackfillView:
+    """What hooks see of a backfill: enough to label metrics or compute placeholders."""
+
+    backfill_id: str
+    version: int
+    database: str
+    metadata: dict
+
+
+def error_code(exc: Exception) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    match = re.search(r"Code: (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
+
+
+def coerce(value: str):
+    """`--param k=v` arrives as text; numbers become numbers so they render as numbers."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+class ClickHouseBackfillManager:
+    """Run, inspect and control backfills of one ClickHouse client.
+
+    Examples:
+        manager = ClickHouseBackfillManager(client, migrations_dir="migrations")
+        manager.run_backfill(database="weave", version=21)
+        manager.get_status(database="weave", version=21)
+    """
+
+    def __init__(self, ch_client, replicated: bool | None = None, migrations_dir=None,
+                 cluster: str | None = None, control=None, sleep=time.sleep):
+        self.ch_client = ch_client
+        self.cluster = cluster if replicated is not False else None
+        self.migrations_dir = Path(migrations_dir or "migrations")
+        self.control = control  # ControlChannel for an embedded store, else None
+        self.sleep = sleep
+        self.store = CheckpointStore(ch_client, self.cluster)
+        self.owner = tracking.owner_id()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._row: Row | None = None
+
+    # -- discovery -----------------------------------------------------------------------
+    def _discover_backfill_files(self) -> dict[int, BackfillSpec]:
+        return {v: load_spec(m) for v, m in discover(self.migrations_dir).items() if m.has_backfill}
+
+    def spec(self, version: int) -> BackfillSpec:
+        for v, mig in discover(self.migrations_dir).items():
+            if v == version and mig.has_backfill:
+                return load_spec(mig)
+        raise BackfillError(f"no backfill for version {version} in {self.migrations_dir} "
+                            f"(expected {version:03d}_name.backfill.sql + .backfill.meta)")
+
+    def keyspace(self, spec: BackfillSpec, database: str) -> KeySpace:
+        return KeySpace(database, spec.meta["source_table"], check_source(self.ch_client, spec, database))
+
+    # -- state helpers -------------------------------------------------------------------
+    def _save(self, row: Row) -> Row:
+        with self._lock:
+            self._row = self.store.save(row)
+            return self._row
+
+    def _beat(self) -> None:
+        with self._lock:
+            if self._row is not None and self._row.status == "running":
+                self._row.checkpoint["lease"]["heartbeat"] = time.time()
+                self.store.save(self._row)
+
+    def _set_status(self, row: Row, status: str, error: str | None = None) -> Row:
+        row.status, row.writer = status, self.owner
+        if error is not None:
+            row.error_log = error
+        if status == "completed":
+            row.completed_at = utcnow()
+        if status != "running":
+            row.checkpoint.pop("lease", None)
+        self._save(row)
+        view = BackfillView(row.backfill_id, row.migration_version, row.db_name, {})
+        pm.hook.backfill_status_changed(backfill=view, status=status, error=error)
+        self._publish(row)
+        return row
+
+    def _publish(self, row: Row) -> None:
+        if self.control is not None:
+            self.control.write_status(row.backfill_id, self.summary(row))
+
+    def _new_checkpoint(self, spec: BackfillSpec) -> dict:
+        return {"position": None, "in_flight": None, "rows_processed": 0, "batches_completed": 0,
+                "current_batch_size": spec.meta["batch_size"], "started_at": None, "last_updated": None,
+                "params": None, "recent": []}
+
+    def _params(self, spec: BackfillSpec, database: str, overrides: dict | None, stored: dict | None) -> dict:
+        """Params are fixed at first start (e.g. cutover_timestamp) and persisted in the checkpoint."""
+        declared = spec.meta["params"]
+        overrides = {k: coerce(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
+        for name in overrides:
+            if name not in declared:
+                raise BackfillError(f"--param {name}: {spec.meta_path} declares no such param "
+                                    f"(declared: {', '.join(declared) or 'none'})")
+        if stored is not None:
+            for name, value in overrides.items():
+                if stored.get(name) != value:
+                    raise BackfillError(f"--param {name}: fixed at first start as {stored.get(name)!r}; "
+                                        f"'migrate backfill reset {spec.version} --yes' to start over with a new value")
+            return stored
+        values = {}
+        for name, value in declared.items():
+            if name in overrides:
+                values[name] = overrides[name]
+            elif isinstance(value, dict):
+                sql, _ = render(value["sql"], {"db": database}, spec.meta_path)
+                rows = self.ch_client.query(sql).result_rows
+                values[name] = _plain(rows[0][0] if rows else None)
+            else:
+                values[name] = value
+        return values
+
+    # -- public API ----------------------------------------------------------------------
+    def register_pending_backfills(self, db_name: str, migration_versions: list[int]) -> list[str]:
+        """Insert a pending row for each version that ships a backfill; run `run_on_startup` ones inline."""
+        specs, lines = self._discover_backfill_files(), []
+        for version in migration_versions:
+            spec = specs.get(version)
+            if spec is None:
+                continue
+            bid = backfill_id(db_name, version)
+            row = self.store.load(bid)
+            if row is None or row.status == "pending" and not row.checkpoint:
+                row = Row(bid, version, db_name, "pending", self._new_checkpoint(spec), writer=self.owner)
+                self._save(row)
+            if spec.meta["run_on_startup"]:
+                result = self.run_backfill(db_name, version)
+                lines.append(f"backfill {version} ({spec.description}): {result['status']}, "
+                             f"{result['rows_processed']} rows")
+            else:
+                lines.append(f"backfill {version} registered (pending): run 'migrate backfill run {version}'")
+        return lines
+
+    def reset_backfill(self, database: str, version: int) -> None:
+        """Forget progress: a new pending row with a fresh checkpoint (history rows stay)."""
+        spec, bid = self.spec(version), backfill_id(database, version)
+        row = self.store.load(bid)
+        if row is not None and row.status == "running" and holder(row.checkpoint.get("lease"), self.owner):
+            raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it first")
+        self._save(Row(bid, version, database, "pending", self._new_checkpoint(spec), writer=self.owner))
+        if self.control is not None:
+            self.control.take_pause_request(bid)
+
+    def pause_backfill(self, database: str, version: int) -> dict:
+        """Ask a running backfill to stop at its next batch boundary (a paused row it will see)."""
+        bid = backfill_id(database, version)
+        row = self.store.load(bid)
+        if row is None:
+            raise BackfillError(f"backfill {bid} is not registered; nothing to pause")
+        if row.status not in ("running", "pending"):
+            raise BackfillError(f"backfill {bid} is {row.status}; only a running or pending backfill can be paused")
+        row.status, row.writer = "paused", self.owner
+        self.store.save(row)
+        return self.summary(row)
+
+    def resume_backfill(self, database: str, version: int, **kwargs) -> dict:
+        """Continue a paused or failed backfill from its checkpoint."""
+        row = self.store.load(backfill_id(database, version))
+        if row is None or row.status not in ("paused", "failed"):
+            state = row.status if row else "not registered"
+            raise BackfillError(f"backfill {backfill_id(database, version)} is {state}; "
+                                f"only a paused or failed backfill can be resumed")
+        return self.run_backfill(database, version, **kwargs)
+
+    def request_stop(self) -> None:
+        """Stop at the next batch boundary (signal handlers call this)."""
+        self._stop.set()
+
+    def list_backfills(self, database: str | None = None, status: str | None = None) -> list[dict]:
+        """Registered backfills plus the ones discovered in the migrations directory but not registered."""
+        rows = {r.backfill_id: r for r in self.store.load_all(database)}
+        specs = self._discover_backfill_files() if self.migrations_dir.is_dir() else {}
+        out = [self.summary(r, specs.get(r.migration_version)) for r in rows.values()]
+        if database:
+            for version, spec in specs.items():
+                if backfill_id(database, version) not in rows:
+                    out.append(self.summary(Row(backfill_id(database, version), version, database,
+                                                "not registered", self._new_checkpoint(spec)), spec))
+        out.sort(key=lambda s: (s["db_name"], s["migration_version"]))
+        return [s for s in out if status is None or s["status"] == status]
+
+    def get_status(self, database: str, version: int, live_counts: bool = True) -> dict:
+        """The whole state of one backfill, with progress and ETA from source row counts."""
+        spec, bid = self.spec(version), backfill_id(database, version)
+        row = self.store.load(bid) or Row(bid, version, database, "not registered", self._new_checkpoint(spec))
+        remaining = None
+        if live_counts and row.status not in ("completed", "not registered"):
+            remaining = self.keyspace(spec, database).remaining(self.ch_client, row.checkpoint.get("position"))
+        return self.summary(row, spec, remaining)
+
+    def summary(self, row: Row, spec: BackfillSpec | None = None, remaining: int | None = None) -> dict:
+        """The stable status document (`status --json`, `list --json`, the live status file)."""
+        cp = row.checkpoint
+        done = int(cp.get("rows_processed", row.rows_processed))
+        if remaining is None and cp.get("rows_total") is not None:
+            remaining = max(0, int(cp["rows_total"]) - done)
+        if row.status == "completed":
+            remaining = 0
+        rate = _rate(cp.get("recent") or [])
+        total = done + remaining if remaining is not None else None
+        return {
+            "migration_version": row.migration_version, "backfill_id": row.backfill_id, "db_name": row.db_name,
+            "description": spec.description if spec else cp.get("description", ""),
+            "status": row.status, "rows_processed": done, "batches_completed": int(cp.get("batches_completed", 0)),
+            "current_batch_size": cp.get("current_batch_size"), "position": cp.get("position"),
+            "rows_remaining": remaining,
+            "progress_percent": round(100.0 * done / total, 2) if total else (100.0 if total == 0 else None),
+            "rows_per_second": round(rate, 1) if rate else None,
+            "eta_seconds": round(remaining / rate, 1) if rate and remaining is not None else None,
+            "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
+            "completed_at": _iso(row.completed_at), "error_log": row.error_log,
+            "lease": cp.get("lease"), "checkpoint": cp,
+        }
+
+    # -- running -------------------------------------------------------------------------
+    def run_backfill(self, database: str, version: int, max_batches: int | None = None,
+                     batch_size: int | None = None, params: dict | None = None,
+                     dry_run: bool = False, on_batch=None) -> dict:
+        """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches."""
+        check_identifier(database)
+        spec, bid = self.spec(version), backfill_id(database, version)
+        state = tracking.read_state(self.ch_client, database) if _has_tracking(self.ch_client) else None
+        if state is None or state.curr_version < version:
+            raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
+        keys, template = self.keyspace(spec, database), spec.sql_path.read_text()
+        row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
+        cp = row.checkpoint or self._new_checkpoint(spec)
+        row.checkpoint = cp
+        if dry_run:
+            return self._dry_run(spec, keys, template, row, params, batch_size)
+        if row.status == "completed":
+            return {**self.summary(row, spec), "stopped": "already completed"}
+        other = holder(cp.get("lease"), self.owner) if row.status == "running" else None
+        if other:
+            raise BackfillError(f"backfill {bid} is already running ({other['owner']}, heartbeat "
+                                f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
+        cp["params"] = self._params(spec, database, params, cp.get("params"))
+        if batch_size:
+            cp["current_batch_size"] = int(batch_size)
+        cp["lease"] = new_lease(self.owner)
+        cp["started_at"] = cp.get("started_at") or utcnow().isoformat()
+        cp["rows_total"] = cp.get("rows_processed", 0) + keys.remaining(self.ch_client, cp.get("position"))
+        row.started_at = row.started_at or utcnow()
+        row.error_log = None
+        self._set_status(row, "running")
+        time.sleep(0.2)  # let a runner that claimed at the same instant land its row, then re-check
+        newest = self.store.load(bid)
+        if newest.checkpoint.get("lease", {}).get("owner") != self.owner:
+            raise BackfillError(f"backfill {bid} was claimed at the same time by "
+                                f"{newest.checkpoint.get('lease', {}).get('owner')}; refusing a second runner")
+        self._stop.clear()
+        heartbeat = Heartbeat(self._beat)
+        heartbeat.start()
+        try:
+            return self._loop(spec, keys, template, row, max_batches, on_batch)
+        except BaseException as exc:
+            if row.status == "running":  # interrupted inside a batch: the in-flight range stays for replay
+                if isinstance(exc, BackfillError):
+                    self._set_status(row, "failed", one_line(exc))
+                else:
+                    self._set_status(row, "paused" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                     None if isinstance(exc, KeyboardInterrupt) else one_line(exc))
+            raise
+        finally:
+            heartbeat.stop()
+
+    def _loop(self, spec, keys: KeySpace, template: str, row: Row, max_batches, on_batch) -> dict:
+        cp, since, done = row.checkpoint, row.version, 0
+        view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
+        while True:
+            reason = self._should_stop(row, since, max_batches, done)
+            if reason:
+                if reason != "lease lost":
+                    self._set_status(row, "paused")
+                return {**self.summary(row, spec), "stopped": reason}
+            batch = cp.get("in_flight")
+            if batch is None:
+                found = keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"])
+                if found is None:
+                    self._set_status(row, "completed")
+                    return {**self.summary(row, spec), "stopped": "completed"}
+                batch = {"start": cp.get("position"), "end": found[0], "rows": found[1],
+                         "batch_size": cp["current_batch_size"], "replay": False}
+                cp["in_flight"] = batch
+                self._save(row)  # write-ahead: a crash from here on replays exactly this range
+            else:
+                batch["replay"] = True
+            started = time.time()
+            self._execute(spec, keys, template, row, view)
+            batch = cp.pop("in_flight")
+            cp["in_flight"] = None
+            cp["position"] = batch["end"]
+            cp["rows_processed"] = int(cp.get("rows_processed", 0)) + int(batch["rows"])
+            cp["batches_completed"] = int(cp.get("batches_completed", 0)) + 1
+            cp["last_updated"] = utcnow().isoformat()
+            cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
+            self._save(row)
+            done += 1
+            event = {"number": cp["batches_completed"], "range_start": batch["start"], "range_end": batch["end"],
+                     "rows": batch["rows"], "seconds": round(time.time() - started, 3),
+                     "batch_size": cp["current_batch_size"], "rows_processed": cp["rows_processed"]}
+            pm.hook.backfill_batch_completed(backfill=view, batch=event)
+            self._publish(row)
+            if on_batch:
+                on_batch(self.summary(row, spec), event)
+
+    def _should_stop(self, row: Row, since: int, max_batches, done: int) -> str | None:
+        if self._stop.is_set():
+            return "stop requested"
+        if self.control is not None and self.control.take_pause_request(row.backfill_id):
+            return "paused"
+        if self.store.paused_by_others(row.backfill_id, since, self.owner):
+            return "paused"
+        newest = self.store.load(row.backfill_id)
+        lease = (newest.checkpoint.get("lease") or {}) if newest else {}
+        if newest and newest.writer != self.owner and lease.get("owner") != self.owner:
+            return "lease lost"
+        if max_batches is not None and done >= max_batches:
+            return "max batches"
+        return None
+
+    def _execute(self, spec: BackfillSpec, keys: KeySpace, template: str, row: Row, view: BackfillView) -> None:
+        """Run the in-flight batch: halve on OOM, back off and retry other errors, fail when out of tries."""
+        cp, meta, attempt = row.checkpoint, spec.meta, 0
+        while True:
+            batch = cp["in_flight"]
+            dirty = batch["replay"] or _before(cp.get("replay_until"), batch["end"]) or attempt > 0
+            sql, params = self._render(template, spec, keys, row, view, retry_count=attempt + int(dirty and attempt == 0))
+            settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"],
+                        "insert_deduplicate": 1, "insert_deduplication_token": _token(row.backfill_id, batch)}
+            try:
+                self.ch_client.command(sql, parameters=params or None, settings=settings)
+                return
+            except Exception as exc:
+                cp["replay_until"] = _later(cp.get("replay_until"), batch["end"])  # may have committed blocks
+                if error_code(exc) == OOM:
+                    smaller = cp["current_batch_size"] // 2
+                    if smaller < meta["min_batch_size"]:
+                        raise BackfillError(f"out of memory at batch size {cp['current_batch_size']}; halving would "
+                                            f"go below min_batch_size {meta['min_batch_size']}: {one_line(exc)}") from exc
+                    log.warning("memory limit at batch size %s; halving to %s", cp["current_batch_size"], smaller)
+                    cp["current_batch_size"] = smaller
+                    end, rows = keys.next_batch(self.ch_client, batch["start"], smaller)
+                    cp["in_flight"] = {**batch, "end": end, "rows": rows, "batch_size": smaller, "replay": True}
+                    self._save(row)
+                    continue
+                if attempt >= meta["max_retries"]:
+                    raise BackfillError(f"batch after {batch['start']} failed {attempt + 1} times: "
+                                        f"{one_line(exc)}") from exc
+                log.warning("batch failed (%s); retry %s of %s", one_line(exc), attempt + 1, meta["max_retries"])
+                self.sleep(2 ** attempt)
+                attempt += 1
+
+    def _render(self, template, spec, keys: KeySpace, row: Row, view, retry_count: int) -> tuple[str, dict]:
+        cp = row.checkpoint
+        batch = cp["in_flight"]
+        values = {k: v for k, v in cp.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+        values.update(cp.get("params") or {})
+        for extra in pm.hook.backfill_placeholders(backfill=view, checkpoint=cp):
+            values.update(extra or {})
+        values.update({"db": row.db_name, "batch_size": batch["batch_size"], "retry_count": retry_count,
+                       "batch_range": Raw(keys.range_predicate(batch["start"], batch["end"]))})
+        for i, col in enumerate(keys.columns):
+            values[f"checkpoint_{col}"] = batch["start"][i] if batch["start"] else keys.default(col)
+            values[f"batch_end_{col}"] = batch["end"][i]
+        return render(template, values, spec.sql_path)
+
+    def _dry_run(self, spec, keys: KeySpace, template: str, row: Row, params, batch_size) -> dict:
+        cp = dict(row.checkpoint)
+        cp["params"] = self._params(spec, row.db_name, params, cp.get("params"))
+        size = int(batch_size or cp["current_batch_size"])
+        found = cp.get("in_flight") and (cp["in_flight"]["end"], cp["in_flight"]["rows"]) \
+            or keys.next_batch(self.ch_client, cp.get("position"), size)
+        out = {**self.summary(row, spec), "rows_remaining": keys.remaining(self.ch_client, cp.get("position")),
+               "first_batch": None, "sql": None}
+        if found:
+            cp["in_flight"] = {"start": cp.get("position"), "end": found[0], "rows": found[1], "batch_size": size}
+            view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
+            out["first_batch"] = cp["in_flight"]
+            out["sql"], out["sql_parameters"] = self._render(template, spec, keys, Row(**{**row.__dict__, "checkpoint": cp}),
+                                                             view, retry_count=0)
+        return out
+
+
+def _token(bid: str, batch: dict) -> str:
+    """Same range, same token: a replay of a committed batch is dropped by ClickHouse's dedup."""
+    return "backfill-" + hashlib.sha256(json.dumps([bid, batch["start"], batch["end"]], default=str).encode()).hexdigest()[:32]
+
+
+def _before(limit, end) -> bool:
+    return limit is not None and list(end) <= list(limit)
+
+
+def _later(a, b):
+    return b if a is None or list(b) > list(a) else a
+
+
+def _rate(recent: list) -> float | None:
+    if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+        return None
+    return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+
+
+def _iso(value):
+    return value.isoformat(sep=" ") if value is not None else None
+
+
+def _plain(value):
+    if hasattr(value, "strftime"):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:23] if hasattr(value, "microsecond") else str(value)
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _has_tracking(client) -> bool:
+    return bool(client.command("EXISTS TABLE db_management.migrations"))

@@ -1,0 +1,158 @@
+"""Validate `.backfill.meta` so a typo fails before the first batch, naming file and field."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator.discovery import Migration
+
+from .errors import BackfillError
+
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED = {"db", "batch_size", "retry_count", "batch_range"}
+SCALARS = (str, int, float, bool)
+
+
+def _int(min_value):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        if value < min_value:
+            return f"must be >= {min_value}"
+    return check
+
+
+def _number_pos(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "must be a number"
+    if value <= 0:
+        return "must be > 0"
+
+
+def _bool(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _str(value):
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _ident(value):
+    if not isinstance(value, str) or not IDENT.match(value):
+        return "must be a table name (letters, digits, _)"
+
+
+def _columns(value):
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of column names"
+    if not all(isinstance(c, str) and IDENT.match(c) for c in value):
+        return "must list plain column names"
+    if len(set(value)) != len(value):
+        return "must not repeat a column"
+
+
+def _settings(value):
+    if not isinstance(value, dict):
+        return "must be an object of ClickHouse settings"
+    for key, val in value.items():
+        if not IDENT.match(key) or not isinstance(val, SCALARS):
+            return f"entry {key!r} must be a setting name with a scalar value"
+
+
+def _params(value):
+    if not isinstance(value, dict):
+        return "must be an object of name: value"
+    for key, val in value.items():
+        if not IDENT.match(key) or key in RESERVED or key.startswith(("checkpoint_", "batch_end_")):
+            return f"name {key!r} is not allowed (identifier, not a framework placeholder)"
+        is_sql = isinstance(val, dict) and set(val) == {"sql"} and isinstance(val["sql"], str)
+        if not (is_sql or isinstance(val, SCALARS)):
+            return f"{key!r} must be a constant or {{\"sql\": \"SELECT ...\"}}"
+
+
+# field: (required, default, check)
+FIELDS = {
+    "migration_version": (True, None, _int(0)),
+    "batch_size": (True, None, _int(1)),
+    "checkpoint_columns": (True, None, _columns),
+    "source_table": (True, None, _ident),
+    "description": (False, "", _str),
+    "timeout_seconds": (False, 3600, _number_pos),
+    "run_on_startup": (False, False, _bool),
+    "max_retries": (False, 3, _int(0)),
+    "min_batch_size": (False, 1000, _int(1)),
+    "settings": (False, {}, _settings),
+    "params": (False, {}, _params),
+}
+
+
+@dataclass
+class BackfillSpec:
+    """A validated backfill: its files and its metadata with defaults filled in."""
+
+    version: int
+    name: str
+    sql_path: Path
+    meta_path: Path
+    validate_path: Path | None
+    meta: dict
+
+    @property
+    def description(self) -> str:
+        return self.meta["description"] or self.name.replace("_", " ")
+
+
+def load_spec(migration: Migration) -> BackfillSpec:
+    """Parse and check a migration's meta file (not yet against the database)."""
+    path = migration.backfill_meta
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BackfillError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise BackfillError(f"{path}: must be a JSON object")
+    for key in raw:
+        if key not in FIELDS:
+            raise BackfillError(f"{path}: unknown field {key!r} (allowed: {', '.join(FIELDS)})")
+    meta = {}
+    for key, (required, default, check) in FIELDS.items():
+        if key not in raw:
+            if required:
+                raise BackfillError(f"{path}: missing required field {key!r}")
+            meta[key] = default
+            continue
+        problem = check(raw[key])
+        if problem:
+            raise BackfillError(f"{path}: field {key!r} {problem} (got {json.dumps(raw[key])[:60]})")
+        meta[key] = raw[key]
+    if meta["migration_version"] != migration.version:
+        raise BackfillError(f"{path}: field 'migration_version' is {meta['migration_version']} "
+                            f"but the file name says {migration.version}")
+    if meta["min_batch_size"] > meta["batch_size"]:
+        raise BackfillError(f"{path}: field 'min_batch_size' ({meta['min_batch_size']}) "
+                            f"is larger than 'batch_size' ({meta['batch_size']})")
+    return BackfillSpec(migration.version, migration.name, migration.backfill_sql, path,
+                        migration.backfill_validate, meta)
+
+
+def check_source(client, spec: BackfillSpec, database: str) -> dict[str, str]:
+    """The checkpoint columns must exist and be a prefix of the source's sorting key; returns their types."""
+    table = spec.meta["source_table"]
+    rows = client.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+                        parameters={"d": database, "t": table}).result_rows
+    if not rows:
+        raise BackfillError(f"{spec.meta_path}: field 'source_table': table {database}.{table} does not exist")
+    types = dict(client.query("SELECT name, type FROM system.columns WHERE database = {d:String} AND table = {t:String}",
+                              parameters={"d": database, "t": table}).result_rows)
+    cols = spec.meta["checkpoint_columns"]
+    for col in cols:
+        if col not in types:
+            raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns': column {col!r} "
+                                f"is not in {database}.{table}")
+    key = [part.strip() for part in rows[0][0].split(",") if part.strip()]
+    if key[:len(cols)] != cols:
+        raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns' {cols} must be a prefix of "
+                            f"{database}.{table}'s sorting key ({', '.join(key) or 'none'})")
+    return {col: types[col] for col in cols}

@@ -1,0 +1,3 @@
+-- Intentionally empty: db_management.backfills holds the backfill history of every database on
+-- this server, so rolling back one database must not drop it. Rolling back a version that ships a
+-- backfill resets that backfill's row instead (the plugin's rollback hook).
