@@ -8,7 +8,7 @@ from typing import Callable
 from . import tracking
 from .discovery import Migration, discover
 from .errors import MigrateError
-from .plugins import pm
+from .plugins import load_plugins, pm
 from .sqltext import check_identifier, on_cluster, split_statements, substitute_db
 
 
@@ -30,11 +30,14 @@ class Migrator:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        load_plugins()  # library use gets the same plugins as the CLI
         check_identifier(ctx.database)
         self.migrations = discover(ctx.migrations_dir)
 
     # -- reading -------------------------------------------------------------------------
     def state(self) -> tracking.State:
+        if self.ctx.dry_run and not int(self.ctx.client.command("EXISTS TABLE db_management.migrations")):
+            return tracking.State()  # --dry-run changes nothing, not even the tracking tables
         tracking.ensure_schema(self.ctx.client, self.ctx.cluster)
         return tracking.read_state(self.ctx.client, self.ctx.database)
 
@@ -64,6 +67,8 @@ class Migrator:
     def _execute(self, mig: Migration, path: Path, lock: tracking.AdvisoryLock) -> None:
         client = self.ctx.client
         previous_db = getattr(client, "database", None)
+        if previous_db is None:  # chDB applies `database` with USE: None would not switch back
+            previous_db = client.command("SELECT currentDatabase()")
         client.database = self.ctx.database  # unqualified names resolve to the target database
         try:
             for stmt in self.statements(path):
@@ -129,6 +134,9 @@ class Migrator:
             return []
         done = []
         with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
+            st = self.state()  # re-read under the lock: another runner may have rolled back already
+            self._refuse_dirty(st)
+            todo = [m for m in todo if m.version <= st.curr_version]
             for mig in todo:
                 below = max([v for v in self.migrations if v < mig.version], default=0)
                 tracking.write_state(self.ctx.client, self.ctx.database, tracking.State(mig.version, mig.version))
