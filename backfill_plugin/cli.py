@@ -127,6 +127,8 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
     if stopped == "stop requested":
         click.echo(f"paused at a batch boundary; resume with 'migrate backfill resume {version}'", err=True)
         sys.exit(signals.exit_code)
+    if stopped in ("paused", "max batches"):
+        click.echo(f"resume with 'migrate backfill resume {version}'")
     if stopped == "lease lost":
         raise BackfillError(f"backfill {version}: another runner took over the lease; this one stopped")
 

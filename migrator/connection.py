@@ -4,9 +4,11 @@ The password never leaves this module in any printable form: `redact()` is what 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +106,27 @@ def _claim_store(target: Target, argv: list[str]) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """chDB prints its own lock error on fd 2 before raising; the user gets our one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def connect(target: Target, argv: list[str] | None = None):
     """Open the client; a store held by another process is a one-line error naming that process."""
     if target.embedded:
         target.store_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            client = clickhouse_connect.get_client(dsn=target.url)
+            with _quiet_stderr():
+                client = clickhouse_connect.get_client(dsn=target.url)
         except Exception as exc:  # chDB refuses a store another process holds
             owner = store_owner(target)
             who = f"pid {owner['pid']} ({owner.get('command', '?')})" if owner else "another process"

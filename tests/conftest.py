@@ -24,13 +24,20 @@ MIGRATE = [sys.executable, "-m", "migrator"]
 
 
 @pytest.fixture(scope="session")
-def ch_client(tmp_path_factory):
+def store_url(tmp_path_factory):
+    """The URL every in-process client of this test process uses (one chDB store per process)."""
     url = os.environ.get("CLICKHOUSE_URL")
     if url and not url.startswith("chdb"):
-        client = connection.connect(connection.resolve(url))
+        return url
+    return "chdb://" + str(tmp_path_factory.mktemp("chdb") / "store")
+
+
+@pytest.fixture(scope="session")
+def ch_client(store_url):
+    if store_url.startswith("chdb"):
+        yield clickhouse_connect.get_client(dsn=store_url)
     else:
-        client = clickhouse_connect.get_client(dsn="chdb://" + str(tmp_path_factory.mktemp("chdb") / "store"))
-    yield client
+        yield connection.connect(connection.resolve(store_url))
 
 
 @pytest.fixture
