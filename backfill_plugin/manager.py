@@ -20,6 +20,7 @@ from migrator.discovery import discover
 from migrator.plugins import pm
 from migrator.sqltext import check_identifier, split_statements
 
+from . import hookspecs
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
 from .errors import BackfillError
 from .keys import KeySpace
@@ -28,6 +29,7 @@ from .meta import BackfillSpec, check_source, load_spec
 from .render import Raw, render
 
 log = logging.getLogger("backfill")
+hookspecs.add_to(pm)
 OOM, RECENT = 241, 20
 
 

@@ -6,7 +6,7 @@ from migrator.plugins import pm
 
 from . import hookspecs
 
-pm.add_hookspecs(hookspecs)  # our own extension points live on the same manager
+hookspecs.add_to(pm)  # our own extension points live on the same manager
 
 
 def manager_for(context):
