@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from migrator.sqltext import on_cluster
-from migrator.tracking import next_version
+from migrator.tracking import insert_row, next_version
 
 from .errors import BackfillError
 
@@ -31,8 +31,11 @@ SCHEMA = [
         writer String DEFAULT ''
     ) ENGINE = MergeTree ORDER BY (db_name, migration_version, version)""",
 ]
-COLUMNS = ["backfill_id", "migration_version", "db_name", "status", "checkpoint_data", "rows_processed",
-           "started_at", "updated_at", "completed_at", "error_log", "version", "writer"]
+TYPES = {"backfill_id": "String", "migration_version": "UInt64", "db_name": "String", "status": "String",
+         "checkpoint_data": "String", "rows_processed": "UInt64", "started_at": "Nullable(DateTime64(3))",
+         "updated_at": "DateTime64(3)", "completed_at": "Nullable(DateTime64(3))", "error_log": "Nullable(String)",
+         "version": "UInt64", "writer": "String"}
+COLUMNS = list(TYPES)
 STATUSES = ("pending", "running", "paused", "completed", "failed")
 
 
@@ -105,12 +108,16 @@ class CheckpointStore:
         row.updated_at = utcnow()
         row.rows_processed = int(row.checkpoint.get("rows_processed", row.rows_processed))
         values = {**row.__dict__, "checkpoint_data": json.dumps(row.checkpoint, default=str, ensure_ascii=False)}
-        self.client.insert(TABLE, [[values[c] for c in COLUMNS]], column_names=COLUMNS)
+        for col in ("started_at", "updated_at", "completed_at"):
+            if values[col] is not None:
+                values[col] = values[col].strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
+        insert_row(self.client, TABLE, TYPES, values)
         return row
 
-    def paused_by_others(self, bid: str, since_version: int, me: str) -> bool:
-        """Did anyone but `me` write a paused row after `since_version` (a pause request)?"""
-        return bool(self.client.command(
-            f"SELECT count() FROM {TABLE} WHERE backfill_id = {{b:String}} AND version > {{v:UInt64}} "
-            f"AND status = 'paused' AND writer != {{w:String}}",
-            parameters={"b": bid, "v": since_version, "w": me}))
+    def others_since(self, bid: str, since_version: int, me: str) -> tuple[int, int]:
+        """Rows others wrote after `since_version`: (pause requests, running claims by another runner)."""
+        paused, running = self.client.query(
+            f"SELECT countIf(status = 'paused'), countIf(status = 'running') FROM {TABLE} "
+            f"WHERE backfill_id = {{b:String}} AND version > {{v:UInt64}} AND writer != {{w:String}}",
+            parameters={"b": bid, "v": since_version, "w": me}).result_rows[0]
+        return int(paused), int(running)

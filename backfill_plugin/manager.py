@@ -321,13 +321,13 @@ class ClickHouseBackfillManager:
         cp, since, done = row.checkpoint, row.version, 0
         view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
         while True:
-            reason = self._should_stop(row, since, max_batches, done)
-            if reason:
-                if reason != "lease lost":
-                    self._set_status(row, "paused")
-                return {**self.summary(row, spec), "stopped": reason}
             batch = cp.get("in_flight")
             if batch is None:
+                reason = self._should_stop(row, since, max_batches, done)
+                if reason:
+                    if reason != "lease lost":
+                        self._set_status(row, "paused")
+                    return {**self.summary(row, spec), "stopped": reason}
                 found = keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"])
                 if found is None:
                     self._set_status(row, "completed")
@@ -335,19 +335,19 @@ class ClickHouseBackfillManager:
                 batch = {"start": cp.get("position"), "end": found[0], "rows": found[1],
                          "batch_size": cp["current_batch_size"], "replay": False}
                 cp["in_flight"] = batch
-                self._save(row)  # write-ahead: a crash from here on replays exactly this range
+                # Write-ahead: from here a crash replays exactly this range. The same row also
+                # persists the previous batch's completion (one write per batch, not two).
+                self._save(row)
             else:
                 batch["replay"] = True
             started = time.time()
             self._execute(spec, keys, template, row, view)
-            batch = cp.pop("in_flight")
-            cp["in_flight"] = None
-            cp["position"] = batch["end"]
-            cp["rows_processed"] = int(cp.get("rows_processed", 0)) + int(batch["rows"])
-            cp["batches_completed"] = int(cp.get("batches_completed", 0)) + 1
-            cp["last_updated"] = utcnow().isoformat()
-            cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
-            self._save(row)
+            with self._lock:  # the heartbeat may save meanwhile: it must see a consistent checkpoint
+                batch = cp["in_flight"]
+                cp.update(in_flight=None, position=batch["end"], last_updated=utcnow().isoformat(),
+                          rows_processed=int(cp.get("rows_processed", 0)) + int(batch["rows"]),
+                          batches_completed=int(cp.get("batches_completed", 0)) + 1)
+                cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
             done += 1
             event = {"number": cp["batches_completed"], "range_start": batch["start"], "range_end": batch["end"],
                      "rows": batch["rows"], "seconds": round(time.time() - started, 3),
@@ -362,11 +362,10 @@ class ClickHouseBackfillManager:
             return "stop requested"
         if self.control is not None and self.control.take_pause_request(row.backfill_id):
             return "paused"
-        if self.store.paused_by_others(row.backfill_id, since, self.owner):
+        paused, claimed = self.store.others_since(row.backfill_id, since, self.owner)
+        if paused:
             return "paused"
-        newest = self.store.load(row.backfill_id)
-        lease = (newest.checkpoint.get("lease") or {}) if newest else {}
-        if newest and newest.writer != self.owner and lease.get("owner") != self.owner:
+        if claimed:
             return "lease lost"
         if max_batches is not None and done >= max_batches:
             return "max batches"

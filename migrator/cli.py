@@ -186,6 +186,7 @@ def main(argv=None) -> None:
     except Exception as exc:
         if os.environ.get("MIGRATE_DEBUG") or "--debug" in sys.argv:
             raise
-        click.echo(f"error: loading plugins failed: {exc}", err=True)
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # pluggy's are multi-line
+        click.echo(f"error: loading plugins failed: {detail or type(exc).__name__}", err=True)
         sys.exit(1)
     run(group, argv)

@@ -44,6 +44,8 @@ def discover(directory: str | Path) -> dict[int, Migration]:
             raise MigrateError(f"{path}: malformed migration file name; expected NNN_name.up.sql, "
                                ".down.sql, .backfill.sql or .backfill.meta")
         version, name, kind = int(match.group(1)), match.group(2), KINDS[match.group(3)]
+        if version == 0:  # 0 means "nothing applied": such a file would be skipped silently forever
+            raise MigrateError(f"{path}: version 0 is reserved for 'nothing applied'; start at 1")
         mig = found.setdefault(version, Migration(version, name))
         if mig.name != name:
             raise MigrateError(f"{path}: duplicate version {version} (also {mig.files[0].name})")

@@ -74,17 +74,30 @@ _DDL_RE = re.compile(
     r"(?:TEMPORARY\s+)?(?:TABLE|MATERIALIZED\s+VIEW|VIEW|DATABASE|DICTIONARY|TABLES)\s+"
     r"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?)(?P<name>(?:`[^`]+`|[\w.]+)(?:\s*\.\s*(?:`[^`]+`|\w+))?)",
     re.IGNORECASE)
-_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(?!Replicated)(?P<kind>\w*)MergeTree\b(?P<args>\s*\([^()]*\))?", re.IGNORECASE)
+_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(?!Replicated)(?P<kind>\w*)MergeTree\b(?P<args>\s*\((?:[^()]|\([^()]*\))*\))?", re.IGNORECASE)
+_COMMENT_RE = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?(?:\*/|$)", re.DOTALL)
+
+
+def _leading_comments(statement: str) -> int:
+    """Length of the whitespace and comments before a statement's first keyword (a file header)."""
+    i = 0
+    while (m := _COMMENT_RE.match(statement, i)) and m.end() > i:
+        i = m.end()
+    return i
 
 
 def on_cluster(statement: str, cluster: str) -> str:
     """Add `ON CLUSTER` to a DDL statement and replicate its MergeTree engine, keeping engine args."""
     check_identifier(cluster, "cluster")
-    if re.search(r"\bON\s+CLUSTER\b", statement, re.IGNORECASE):
-        out = statement
+    start = _leading_comments(statement)
+    head, body = statement[:start], statement[start:]
+    if re.search(r"\bON\s+CLUSTER\b", body, re.IGNORECASE):
+        out = body
+    elif re.match(r"(?:RENAME|EXCHANGE)\b", body, re.IGNORECASE):  # ON CLUSTER goes after the name list
+        out = f"{body.rstrip()} ON CLUSTER {cluster}"
     else:
-        out = _DDL_RE.sub(lambda m: f"{m.group('head')}{m.group('name')} ON CLUSTER {cluster}", statement, count=1)
-    return _ENGINE_RE.sub(_replicated_engine, out)
+        out = _DDL_RE.sub(lambda m: f"{m.group('head')}{m.group('name')} ON CLUSTER {cluster}", body, count=1)
+    return head + _ENGINE_RE.sub(_replicated_engine, out)
 
 
 def _replicated_engine(match: re.Match) -> str:

@@ -27,6 +27,14 @@ def next_version() -> int:
         return _last_version
 
 
+def insert_row(client, table: str, types: dict[str, str], values: dict) -> None:
+    """One row as a parameterised INSERT ... SELECT: escaping is the server's, and it is cheaper than
+    a client-side block insert for a single row."""
+    cols = ", ".join(types)
+    select = ", ".join(f"{{{name}:{typ}}}" for name, typ in types.items())
+    client.command(f"INSERT INTO {table} ({cols}) SELECT {select}", parameters={k: values[k] for k in types})
+
+
 def owner_id() -> str:
     """host:pid:random, so a lease names a process an operator can find."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -78,9 +86,11 @@ def read_state(client, db_name: str) -> State:
 
 
 def write_state(client, db_name: str, state: State) -> None:
-    client.insert("db_management.migrations",
-                  [[db_name, state.curr_version, state.partially_applied_version, next_version()]],
-                  column_names=["db_name", "curr_version", "partially_applied_version", "version"])
+    insert_row(client, "db_management.migrations",
+               {"db_name": "String", "curr_version": "UInt64", "partially_applied_version": "Nullable(UInt64)",
+                "version": "UInt64"},
+               {"db_name": db_name, "curr_version": state.curr_version,
+                "partially_applied_version": state.partially_applied_version, "version": next_version()})
 
 
 class AdvisoryLock:
@@ -98,9 +108,11 @@ class AdvisoryLock:
 
     def _write(self, released: int) -> None:
         expires = int((time.time() + self.lease_seconds) * 1000)
-        self.client.insert("db_management.migration_locks",
-                           [[self.db_name, self.owner, self.claim, expires, released, next_version()]],
-                           column_names=["db_name", "owner", "claim", "expires_at_ms", "released", "version"])
+        insert_row(self.client, "db_management.migration_locks",
+                   {"db_name": "String", "owner": "String", "claim": "UInt64", "expires_at_ms": "UInt64",
+                    "released": "UInt8", "version": "UInt64"},
+                   {"db_name": self.db_name, "owner": self.owner, "claim": self.claim, "expires_at_ms": expires,
+                    "released": released, "version": next_version()})
 
     def _holder(self) -> tuple[str, int] | None:
         rows = self.client.query(
