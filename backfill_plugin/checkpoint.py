@@ -86,6 +86,10 @@ class CheckpointStore:
             checkpoint = json.loads(raw) if raw else {}
             if not isinstance(checkpoint, dict):
                 raise ValueError("not a JSON object")
+            # Only a backfill that never ran may lack a position (a seed-style pending row, or one
+            # paused before it started); otherwise starting from nothing would redo it from zero.
+            if "position" not in checkpoint and (data["status"] not in ("pending", "paused") or data["rows_processed"]):
+                raise ValueError("no position recorded" if raw.strip() else "empty")
         except ValueError as exc:
             raise BackfillError(
                 f"checkpoint_data of backfill {data['backfill_id']} (row version {data['version']}) is corrupt "

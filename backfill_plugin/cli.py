@@ -34,6 +34,10 @@ def _fmt(value, unknown="unknown") -> str:
     return unknown if value is None else str(value)
 
 
+def _secs(value) -> str:
+    return "unknown" if value is None else f"{value:.0f}s"
+
+
 @click.group()
 def backfill():
     """Resumable, checkpointed data backfills."""
@@ -107,7 +111,7 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
         else:
             click.echo(f"batch {event['number']}: {event['rows']} rows in {event['seconds']}s, "
                        f"total {summary['rows_processed']:,} ({_fmt(summary['progress_percent'])}%), "
-                       f"{_fmt(summary['rows_per_second'])} rows/s, eta {_fmt(summary['eta_seconds'])}s, "
+                       f"{_fmt(summary['rows_per_second'])} rows/s, eta {_secs(summary['eta_seconds'])}, "
                        f"batch size {summary['current_batch_size']}")
 
     started = time.time()
@@ -160,9 +164,12 @@ def run(app: App, version, max_batches, batch_size, params, dry_run):
             click.echo("nothing left to do")
             return
         fb = out["first_batch"]
-        click.echo(f"first batch: after {fb['start']} up to and including {fb['end']} ({fb['rows']:,} rows)")
-        click.echo(f"params: {json.dumps(out['checkpoint'].get('params') or {})}" if out["checkpoint"].get("params")
-                   else "params: evaluated at first start")
+        after = "from the start" if fb["start"] is None else f"after {fb['start']}"
+        click.echo(f"first batch: {after} up to and including {fb['end']} ({fb['rows']:,} rows)")
+        fixed = "fixed" if out["status"] not in ("pending", "not registered") else "preview; fixed at first start"
+        click.echo(f"params ({fixed}): {json.dumps(out['checkpoint'].get('params') or {}, default=str)}")
+        if out.get("sql_parameters"):
+            click.echo(f"bound server-side: {json.dumps(out['sql_parameters'], default=str)}")
         click.echo("-- rendered SQL")
         click.echo(out["sql"])
         return
@@ -212,7 +219,7 @@ def status(app: App, version, as_json):
             ("rows processed", f"{info['rows_processed']:,}"), ("batches", info["batches_completed"]),
             ("batch size", info["current_batch_size"]),
             ("progress", "unknown" if info["progress_percent"] is None else f"{info['progress_percent']}%"),
-            ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", f"{_fmt(info['eta_seconds'])} s"),
+            ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", _secs(info["eta_seconds"])),
             ("started", _fmt(info["started_at"], "-")), ("updated", _fmt(info["updated_at"], "-")),
             ("last error", _fmt(info["error_log"], "-")), ("lease", _fmt((info.get("lease") or {}).get("owner"), "-")),
             ("params", json.dumps((info.get("checkpoint") or {}).get("params"))), ("source", info["source"])]

@@ -26,11 +26,12 @@ from .errors import BackfillError
 from .keys import KeySpace
 from .lease import Heartbeat, holder, lease_seconds, new_lease
 from .meta import BackfillSpec, check_source, load_spec
-from .render import Raw, render
+from .render import Raw, placeholders, render
+from .status import summarize
 
 log = logging.getLogger("backfill")
 hookspecs.add_to(pm)
-OOM, RECENT = 241, 20
+OOM, RECENT, ONE_BLOCK = 241, 20, 1 << 40
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ClickHouseBackfillManager:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._row: Row | None = None
+        self._spec: BackfillSpec | None = None
 
     # -- discovery -----------------------------------------------------------------------
     def _discover_backfill_files(self) -> dict[int, BackfillSpec]:
@@ -130,7 +132,7 @@ class ClickHouseBackfillManager:
 
     def _publish(self, row: Row) -> None:
         if self.control is not None:
-            self.control.write_status(row.backfill_id, self.summary(row))
+            self.control.write_status(row.backfill_id, self.summary(row, self._spec))
 
     def _new_checkpoint(self, spec: BackfillSpec) -> dict:
         return {"position": None, "in_flight": None, "rows_processed": 0, "batches_completed": 0,
@@ -187,7 +189,10 @@ class ClickHouseBackfillManager:
     def reset_backfill(self, database: str, version: int) -> None:
         """Forget progress: a new pending row with a fresh checkpoint (history rows stay)."""
         spec, bid = self.spec(version), backfill_id(database, version)
-        row = self.store.load(bid)
+        try:
+            row = self.store.load(bid)
+        except BackfillError:  # a corrupt checkpoint is exactly what reset is for
+            row = None
         if row is not None and row.status == "running" and holder(row.checkpoint.get("lease"), self.owner):
             raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it first")
         self._save(Row(bid, version, database, "pending", self._new_checkpoint(spec), writer=self.owner))
@@ -207,12 +212,13 @@ class ClickHouseBackfillManager:
         return self.summary(row)
 
     def resume_backfill(self, database: str, version: int, **kwargs) -> dict:
-        """Continue a paused or failed backfill from its checkpoint."""
+        """Continue a paused or failed backfill (or one whose runner died) from its checkpoint."""
         row = self.store.load(backfill_id(database, version))
-        if row is None or row.status not in ("paused", "failed"):
+        crashed = row is not None and row.status == "running" and not holder(row.checkpoint.get("lease"), self.owner)
+        if row is None or row.status not in ("paused", "failed") and not crashed:
             state = row.status if row else "not registered"
             raise BackfillError(f"backfill {backfill_id(database, version)} is {state}; "
-                                f"only a paused or failed backfill can be resumed")
+                                f"only a paused or failed backfill (or one whose runner died) can be resumed")
         return self.run_backfill(database, version, **kwargs)
 
     def request_stop(self) -> None:
@@ -243,27 +249,7 @@ class ClickHouseBackfillManager:
 
     def summary(self, row: Row, spec: BackfillSpec | None = None, remaining: int | None = None) -> dict:
         """The stable status document (`status --json`, `list --json`, the live status file)."""
-        cp = row.checkpoint
-        done = int(cp.get("rows_processed", row.rows_processed))
-        if remaining is None and cp.get("rows_total") is not None:
-            remaining = max(0, int(cp["rows_total"]) - done)
-        if row.status == "completed":
-            remaining = 0
-        rate = _rate(cp.get("recent") or [])
-        total = done + remaining if remaining is not None else None
-        return {
-            "migration_version": row.migration_version, "backfill_id": row.backfill_id, "db_name": row.db_name,
-            "description": spec.description if spec else cp.get("description", ""),
-            "status": row.status, "rows_processed": done, "batches_completed": int(cp.get("batches_completed", 0)),
-            "current_batch_size": cp.get("current_batch_size"), "position": cp.get("position"),
-            "rows_remaining": remaining,
-            "progress_percent": round(100.0 * done / total, 2) if total else (100.0 if total == 0 else None),
-            "rows_per_second": round(rate, 1) if rate else None,
-            "eta_seconds": round(remaining / rate, 1) if rate and remaining is not None else None,
-            "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
-            "completed_at": _iso(row.completed_at), "error_log": row.error_log,
-            "lease": cp.get("lease"), "checkpoint": cp,
-        }
+        return summarize(row, spec, remaining)
 
     # -- running -------------------------------------------------------------------------
     def run_backfill(self, database: str, version: int, max_batches: int | None = None,
@@ -275,24 +261,29 @@ class ClickHouseBackfillManager:
         state = tracking.read_state(self.ch_client, database) if _has_tracking(self.ch_client) else None
         if state is None or state.curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
-        keys, template = self.keyspace(spec, database), spec.sql_path.read_text()
+        keys, template = self.keyspace(spec, database), _template(spec)
         row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
         cp = row.checkpoint or self._new_checkpoint(spec)
         row.checkpoint = cp
         if dry_run:
             return self._dry_run(spec, keys, template, row, params, batch_size)
+        cp["params"] = self._params(spec, database, params, cp.get("params"))
         if row.status == "completed":
             return {**self.summary(row, spec), "stopped": "already completed"}
         other = holder(cp.get("lease"), self.owner) if row.status == "running" else None
         if other:
             raise BackfillError(f"backfill {bid} is already running ({other['owner']}, heartbeat "
                                 f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
-        cp["params"] = self._params(spec, database, params, cp.get("params"))
+        view = BackfillView(bid, version, database, spec.meta)
+        preview = {"start": None, "end": [keys.default(c) for c in keys.columns], "batch_size": 1}
+        self._render(template, spec, keys, row, view, 0, batch=preview)  # unknown placeholders fail before any write
         if batch_size:
             cp["current_batch_size"] = int(batch_size)
-        cp["lease"] = new_lease(self.owner)
-        cp["started_at"] = cp.get("started_at") or utcnow().isoformat()
-        cp["rows_total"] = cp.get("rows_processed", 0) + keys.remaining(self.ch_client, cp.get("position"))
+        if self.control is not None:
+            self.control.take_pause_request(bid)  # a request left while no runner was there is stale
+        self._spec = spec
+        cp.update(lease=new_lease(self.owner), recent=[], started_at=cp.get("started_at") or utcnow().isoformat(),
+                  rows_total=cp.get("rows_processed", 0) + keys.remaining(self.ch_client, cp.get("position")))
         row.started_at = row.started_at or utcnow()
         row.error_log = None
         self._set_status(row, "running")
@@ -377,9 +368,10 @@ class ClickHouseBackfillManager:
         while True:
             batch = cp["in_flight"]
             dirty = batch["replay"] or _before(cp.get("replay_until"), batch["end"]) or attempt > 0
-            sql, params = self._render(template, spec, keys, row, view, retry_count=attempt + int(dirty and attempt == 0))
-            settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"],
-                        "insert_deduplicate": 1, "insert_deduplication_token": _token(row.backfill_id, batch)}
+            retry = attempt + int(dirty and attempt == 0)
+            sql, params = self._render(template, spec, keys, row, view, retry)
+            settings = {**_dedup_settings(row.backfill_id, batch, retry, "retry_count" in placeholders(template)),
+                        **meta["settings"], "max_execution_time": meta["timeout_seconds"]}
             try:
                 self.ch_client.command(sql, parameters=params or None, settings=settings)
                 return
@@ -397,15 +389,15 @@ class ClickHouseBackfillManager:
                     self._save(row)
                     continue
                 if attempt >= meta["max_retries"]:
-                    raise BackfillError(f"batch after {batch['start']} failed {attempt + 1} times: "
+                    raise BackfillError(f"batch after {batch['start'] or 'the start'} failed {attempt + 1} times: "
                                         f"{one_line(exc)}") from exc
                 log.warning("batch failed (%s); retry %s of %s", one_line(exc), attempt + 1, meta["max_retries"])
                 self.sleep(2 ** attempt)
                 attempt += 1
 
-    def _render(self, template, spec, keys: KeySpace, row: Row, view, retry_count: int) -> tuple[str, dict]:
+    def _render(self, template, spec, keys: KeySpace, row: Row, view, retry_count: int, batch=None) -> tuple[str, dict]:
         cp = row.checkpoint
-        batch = cp["in_flight"]
+        batch = batch or cp["in_flight"]
         values = {k: v for k, v in cp.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
         values.update(cp.get("params") or {})
         for extra in pm.hook.backfill_placeholders(backfill=view, checkpoint=cp):
@@ -418,25 +410,44 @@ class ClickHouseBackfillManager:
         return render(template, values, spec.sql_path)
 
     def _dry_run(self, spec, keys: KeySpace, template: str, row: Row, params, batch_size) -> dict:
-        cp = dict(row.checkpoint)
+        cp = row.checkpoint = dict(row.checkpoint)  # a private copy: nothing here is saved
         cp["params"] = self._params(spec, row.db_name, params, cp.get("params"))
         size = int(batch_size or cp["current_batch_size"])
-        found = cp.get("in_flight") and (cp["in_flight"]["end"], cp["in_flight"]["rows"]) \
-            or keys.next_batch(self.ch_client, cp.get("position"), size)
+        batch = cp.get("in_flight")
+        if batch is None:
+            found = keys.next_batch(self.ch_client, cp.get("position"), size)
+            batch = found and {"start": cp.get("position"), "end": found[0], "rows": found[1], "batch_size": size}
         out = {**self.summary(row, spec), "rows_remaining": keys.remaining(self.ch_client, cp.get("position")),
-               "first_batch": None, "sql": None}
-        if found:
-            cp["in_flight"] = {"start": cp.get("position"), "end": found[0], "rows": found[1], "batch_size": size}
+               "first_batch": batch or None, "sql": None, "sql_parameters": None}
+        if batch:
             view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
-            out["first_batch"] = cp["in_flight"]
-            out["sql"], out["sql_parameters"] = self._render(template, spec, keys, Row(**{**row.__dict__, "checkpoint": cp}),
-                                                             view, retry_count=0)
+            out["sql"], out["sql_parameters"] = self._render(template, spec, keys, row, view, 0, batch=batch)
         return out
 
 
-def _token(bid: str, batch: dict) -> str:
-    """Same range, same token: a replay of a committed batch is dropped by ClickHouse's dedup."""
-    return "backfill-" + hashlib.sha256(json.dumps([bid, batch["start"], batch["end"]], default=str).encode()).hexdigest()[:32]
+def _dedup_settings(bid: str, batch: dict, retry_count: int, sql_skips_existing: bool) -> dict:
+    """How a batch INSERT stays exactly-once on a replay.
+
+    SQL that reads `{retry_count}` skips keys already in the target on a retry, so a retry must not
+    reuse the token: its first block would carry the token of a block committed earlier and be
+    dropped. Other SQL relies on the token alone, so its batch is squashed into one block that a
+    replay either duplicates whole (and is dropped) or not at all.
+    """
+    if sql_skips_existing and retry_count > 0:
+        return {"insert_deduplicate": 0}
+    token = hashlib.sha256(json.dumps([bid, batch["start"], batch["end"]], default=str).encode()).hexdigest()[:32]
+    out = {"insert_deduplicate": 1, "insert_deduplication_token": f"backfill-{token}"}
+    if not sql_skips_existing:
+        out.update(min_insert_block_size_rows=ONE_BLOCK, min_insert_block_size_bytes=ONE_BLOCK, max_insert_threads=1)
+    return out
+
+
+def _template(spec: BackfillSpec) -> str:
+    text = spec.sql_path.read_text()
+    found = len(split_statements(text))
+    if found != 1:
+        raise BackfillError(f"{spec.sql_path}: must hold exactly one SQL statement (found {found})")
+    return text
 
 
 def _before(limit, end) -> bool:
@@ -445,16 +456,6 @@ def _before(limit, end) -> bool:
 
 def _later(a, b):
     return b if a is None or list(b) > list(a) else a
-
-
-def _rate(recent: list) -> float | None:
-    if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
-        return None
-    return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
-
-
-def _iso(value):
-    return value.isoformat(sep=" ") if value is not None else None
 
 
 def _plain(value):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,20 +14,25 @@ from .errors import BackfillError
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED = {"db", "batch_size", "retry_count", "batch_range"}
 SCALARS = (str, int, float, bool)
+MAX_INT = 2 ** 63 - 1  # what ClickHouse takes as a LIMIT or a setting
 
 
-def _int(min_value):
+def _int(min_value, max_value=MAX_INT):
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int):
             return "must be an integer"
         if value < min_value:
             return f"must be >= {min_value}"
+        if value > max_value:
+            return f"must be <= {max_value}"
     return check
 
 
 def _number_pos(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "must be a number"
+    if not math.isfinite(value):  # JSON's NaN/Infinity: ClickHouse refuses them only at the first batch
+        return "must be a finite number"
     if value <= 0:
         return "must be > 0"
 
@@ -104,13 +110,31 @@ class BackfillSpec:
         return self.meta["description"] or self.name.replace("_", " ")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json.loads keeps the last of two equal keys silently; a meta file with both is ambiguous."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_spec(migration: Migration) -> BackfillSpec:
     """Parse and check a migration's meta file (not yet against the database)."""
     path = migration.backfill_meta
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise BackfillError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise BackfillError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise BackfillError(f"{path}: duplicate field {exc.args[0]!r}") from None
     if not isinstance(raw, dict):
         raise BackfillError(f"{path}: must be a JSON object")
     for key in raw:

@@ -8,11 +8,14 @@ from pathlib import Path
 from .errors import MigrateError
 
 BACKFILL_SQL = """-- Backfill for version {version}: runs once per batch; the framework owns the key range.
--- batch_range is a predicate selecting exactly this batch's keys of the source table.
+-- batch_range selects exactly this batch's keys of the source table. Exactly-once needs the
+-- target to deduplicate (SETTINGS non_replicated_deduplication_window = 1000, or Replicated*)
+-- and, on a retry or replay (retry_count > 0), to skip keys an earlier attempt already wrote.
 INSERT INTO {{db}}.target_table
 SELECT *
 FROM {{db}}.source_table
 WHERE {{batch_range}}
+  AND ({{retry_count}} = 0 OR id NOT IN (SELECT id FROM {{db}}.target_table WHERE {{batch_range}}))
 """
 
 

@@ -99,7 +99,7 @@ def project(tmp_path, migrations):
 @pytest.mark.parametrize("args, message", [
     (["backfill", "run", "7"], "error: no backfill for version 7 in"),
     (["backfill", "reset", "1"], "error: reset forgets all progress of backfill 1; add --yes to confirm"),
-    (["backfill", "resume", "1"], "error: backfill d_1 is pending; only a paused or failed backfill can be resumed"),
+    (["backfill", "resume", "1"], "error: backfill d_1 is pending; only a paused or failed backfill (or one whose runner died) can be resumed"),
 ])
 def test_errors_are_one_line(project, args, message):
     assert project("up").returncode == 0
@@ -114,7 +114,7 @@ def test_resume_of_completed_is_refused(project):
     assert project("backfill", "run", "1").returncode == 0
     result = project("backfill", "resume", "1")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: backfill d_1 is completed; only a paused or failed backfill can be resumed"
+    assert result.stderr.strip() == "error: backfill d_1 is completed; only a paused or failed backfill (or one whose runner died) can be resumed"
 
 
 def _start_slow_run(tmp_path, migrations, batches=40):

@@ -58,7 +58,7 @@ def test_max_batches_then_resume_from_checkpoint(ch_client, db, generic):
     assert ch_client.command(f"SELECT count() FROM {db}.dst") == first["rows_processed"]
     assert mgr.resume_backfill(db, 1)["status"] == "completed"
     assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
-    with pytest.raises(BackfillError, match="only a paused or failed backfill can be resumed"):
+    with pytest.raises(BackfillError, match=r"is completed; only a paused or failed backfill \(or one whose runner died\) can be resumed"):
         mgr.resume_backfill(db, 1)
 
 

@@ -1,0 +1,42 @@
+"""The status document: one dict shape for `status --json`, `list --json` and the live status file.
+
+Its keys are a documented contract (docs/backfill_runbook.md, "JSON contract").
+"""
+from __future__ import annotations
+
+from .checkpoint import Row
+
+
+def summarize(row: Row, spec=None, remaining: int | None = None) -> dict:
+    """Progress and ETA come from source row counts and the recent rate; None means unknown."""
+    cp = row.checkpoint
+    done = int(cp.get("rows_processed", row.rows_processed))
+    if remaining is None and cp.get("rows_total") is not None:
+        remaining = max(0, int(cp["rows_total"]) - done)
+    if row.status == "completed":
+        remaining = 0
+    rate = _rate(cp.get("recent") or [])
+    total = done + remaining if remaining is not None else None
+    return {
+        "migration_version": row.migration_version, "backfill_id": row.backfill_id, "db_name": row.db_name,
+        "description": spec.description if spec else "",
+        "status": row.status, "rows_processed": done, "batches_completed": int(cp.get("batches_completed", 0)),
+        "current_batch_size": cp.get("current_batch_size"), "position": cp.get("position"),
+        "rows_remaining": remaining,
+        "progress_percent": round(100.0 * done / total, 2) if total else (100.0 if total == 0 else None),
+        "rows_per_second": round(rate, 1) if rate else None,
+        "eta_seconds": round(remaining / rate, 1) if rate and remaining is not None else None,
+        "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
+        "completed_at": _iso(row.completed_at), "error_log": row.error_log,
+        "lease": cp.get("lease"), "checkpoint": cp,
+    }
+
+
+def _rate(recent: list) -> float | None:
+    if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+        return None
+    return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+
+
+def _iso(value):
+    return value.isoformat(sep=" ") if value is not None else None
