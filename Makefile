@@ -30,9 +30,9 @@ demo: $(STAMP)
 	$(BIN)/migrate up
 	$(BIN)/python -m backfill_plugin.demo --calls $(DEMO_CALLS)
 	$(BIN)/migrate backfill list
-	$(BIN)/migrate backfill run 21
+	$(BIN)/migrate backfill run 21 --batch-size 25000
 	$(BIN)/migrate backfill validate 21
-	$(BIN)/migrate backfill status 21
+	$(BIN)/python -m backfill_plugin.demo --summary
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_021.py

@@ -161,6 +161,19 @@ def generate_calls(client, database: str, calls: int, seed: int = 42, batch: int
     return {"calls": done, "complete": complete, "parts": parts}
 
 
+def summary(client, database: str) -> str:
+    """One line for the end of `make demo`: rows copied, seconds, rows per second."""
+    from .checkpoint import CheckpointStore, backfill_id
+    row = CheckpointStore(client).load(backfill_id(database, 21))
+    if row is None or row.status != "completed" or row.started_at is None:
+        return f"backfill 21 is {row.status if row else 'not registered'}"
+    copied = int(client.command(f"SELECT count() FROM {database}.calls_complete"))
+    calls = int(client.command(f"SELECT uniqExact(project_id, id) FROM {database}.calls_merged"))
+    seconds = max((row.completed_at - row.started_at).total_seconds(), 1e-3)
+    return (f"summary: {calls:,} calls in calls_merged; backfill 21 copied {copied:,} completed calls "
+            f"({row.rows_processed:,} source rows) in {seconds:.1f} s, {row.rows_processed / seconds:,.0f} source rows/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: fill a database (with migration 001 applied) with demo calls."""
     parser = argparse.ArgumentParser(prog="python -m backfill_plugin.demo", description=__doc__.splitlines()[0])
@@ -170,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="database holding call_parts (env MIGRATE_DATABASE; default 'default')")
     parser.add_argument("--calls", type=int, default=200_000, help="number of calls (default 200000)")
     parser.add_argument("--seed", type=int, default=42, help="random seed; same seed, same data (default 42)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print what backfill 21 copied and how fast, instead of generating")
     parser.add_argument("--append", action="store_true",
                         help="write even if call_parts already holds rows (use another --seed, or parts repeat)")
     args = parser.parse_args(argv)
@@ -184,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         check_identifier(args.database)
         command = ["python", "-m", "backfill_plugin.demo", *(argv if argv is not None else sys.argv[1:])]
         client = connect(resolve(args.url), command)
+        if args.summary:
+            print(summary(client, args.database))
+            return 0
         exists = client.command(f"EXISTS TABLE {args.database}.call_parts")
         if str(exists).strip() != "1":
             raise MigrateError(f"{args.database}.call_parts does not exist: run `migrate up` first")
