@@ -12,6 +12,7 @@ from migrator.sqltext import on_cluster
 from migrator.tracking import insert_row, next_version
 
 from .errors import BackfillError
+from .render import RAW_BYTE
 
 TABLE = "db_management.backfills"
 SCHEMA = [
@@ -111,7 +112,10 @@ class CheckpointStore:
         row.version = next_version()
         row.updated_at = utcnow()
         row.rows_processed = int(row.checkpoint.get("rows_processed", row.rows_processed))
-        values = {**row.__dict__, "checkpoint_data": json.dumps(row.checkpoint, default=str, ensure_ascii=False)}
+        data = json.dumps(row.checkpoint, default=str, ensure_ascii=False)
+        if RAW_BYTE.search(data):  # a key that is not UTF-8 text: keep its bytes as \udcXX escapes
+            data = json.dumps(row.checkpoint, default=str)
+        values = {**row.__dict__, "checkpoint_data": data}
         for col in ("started_at", "updated_at", "completed_at"):
             if values[col] is not None:
                 values[col] = values[col].strftime("%Y-%m-%d %H:%M:%S.%f")[:23]

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from .render import literal
 
 _NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
+# Keys are read as bytes: clickhouse-connect would hand back text that is not UTF-8 as its hex
+# (a position that compares wrong), and FixedString as bytes that do not render.
+_RAW = {"String": "bytes", "FixedString": "bytes"}
 
 
 def _is_numeric(ch_type: str) -> bool:
@@ -44,6 +47,8 @@ class KeySpace:
         return 0 if _is_numeric(self.types[col]) else ""
 
     def value(self, col: str, value):
+        if isinstance(value, (bytes, bytearray)):  # bytes that are not UTF-8 survive as surrogate escapes
+            return bytes(value).decode("utf-8", "surrogateescape")
         return int(value) if _is_numeric(self.types[col]) and isinstance(value, int) else value
 
     def after(self, position: list | None) -> str:
@@ -76,7 +81,8 @@ class KeySpace:
                  f"ORDER BY {cols} LIMIT {int(batch_size)} WITH TIES")
         picks = ", ".join(f"tupleElement(max(tuple({cols})), {i + 1}) AS _k{i}" for i in range(len(self.columns)))
         outer = ", ".join(self._exact(c, f"_k{i}") for i, c in enumerate(self.columns))
-        row = client.query(f"SELECT {outer}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))").result_rows[0]
+        row = client.query(f"SELECT {outer}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
+                           query_formats=_RAW).result_rows[0]
         if not row[-1]:
             return None
         return [self.value(c, v) for c, v in zip(self.columns, row[:-1])], int(row[-1])

@@ -175,6 +175,9 @@ def check_source(client, spec: BackfillSpec, database: str) -> dict[str, str]:
         if col not in types:
             raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns': column {col!r} "
                                 f"is not in {database}.{table}")
+        if "Nullable(" in types[col]:  # NULL compares as neither < nor >: those rows would be skipped
+            raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns': column {col!r} is "
+                                f"{types[col]}; a checkpoint column must not be Nullable")
     key = [part.strip() for part in rows[0][0].split(",") if part.strip()]
     if key[:len(cols)] != cols:
         raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns' {cols} must be a prefix of "

@@ -7,6 +7,7 @@ from pathlib import Path
 from .errors import BackfillError
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}]+))?\}")
+RAW_BYTE = re.compile("[\udc80-\udcff]")  # a key byte that is not UTF-8, kept by 'surrogateescape'
 
 
 class Raw(str):
@@ -25,7 +26,8 @@ def escape(value) -> str:
         return ""
     if not isinstance(value, str):
         raise BackfillError(f"placeholder value {value!r} is neither text nor a number")
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+    text = value.replace("\\", "\\\\").replace("'", "\\'")
+    return RAW_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02X}", text)
 
 
 def literal(value) -> str:
@@ -46,6 +48,8 @@ def render(template: str, values: dict, source: Path | str = "backfill SQL") -> 
         if typ:
             value = values[name]
             params[name] = str(value) if isinstance(value, Raw) else value
+            if isinstance(value, str) and RAW_BYTE.search(value):
+                params[name] = value.encode("utf-8", "surrogateescape")
             return match.group(0)
         return escape(values[name])
 

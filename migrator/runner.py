@@ -85,6 +85,14 @@ class Migrator:
         stmt = f"CREATE DATABASE IF NOT EXISTS {self.ctx.database}"
         self.ctx.client.command(on_cluster(stmt, self.ctx.cluster) if self.ctx.cluster else stmt)
 
+    def _print_sql(self, paths: list[Path]) -> list[int]:
+        """--dry-run: the exact statements, nothing executed."""
+        for path in paths:
+            self.ctx.echo(f"-- {path.name}")
+            for stmt in self.statements(path):
+                self.ctx.echo(stmt + ";")
+        return []
+
     def up(self, to: int | None = None) -> list[int]:
         """Apply pending versions in order up to `to`; returns the versions applied."""
         st = self.state()
@@ -93,11 +101,7 @@ class Migrator:
             raise MigrateError(f"--to {to}: no migration with that version")
         todo = [m for v, m in self.migrations.items() if v > st.curr_version and (to is None or v <= to)]
         if self.ctx.dry_run:
-            for mig in todo:
-                self.ctx.echo(f"-- {mig.up.name}")
-                for stmt in self.statements(mig.up):
-                    self.ctx.echo(stmt + ";")
-            return []
+            return self._print_sql([mig.up for mig in todo])
         applied = []
         with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
             st = self.state()  # re-read under the lock: another runner may have moved on
@@ -127,11 +131,7 @@ class Migrator:
             raise MigrateError(f"--to {to}: no migration with that version")
         todo = [m for v, m in sorted(self.migrations.items(), reverse=True) if to < v <= st.curr_version]
         if self.ctx.dry_run:
-            for mig in todo:
-                self.ctx.echo(f"-- {mig.down.name}")
-                for stmt in self.statements(mig.down):
-                    self.ctx.echo(stmt + ";")
-            return []
+            return self._print_sql([mig.down for mig in todo])
         done = []
         with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
             st = self.state()  # re-read under the lock: another runner may have rolled back already
