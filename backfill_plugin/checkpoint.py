@@ -66,6 +66,24 @@ class Row:
     writer: str = ""
 
 
+def _is_range(batch) -> bool:
+    return (isinstance(batch, dict) and isinstance(batch.get("end"), list)
+            and (batch.get("start") is None or isinstance(batch.get("start"), list)))
+
+
+def _check_shape(cp: dict) -> None:
+    """Wrong types would not fail loudly later: a text position is iterated as characters."""
+    if cp.get("position") is not None and not isinstance(cp["position"], list):
+        raise ValueError("position is not a list of key values")
+    if cp.get("in_flight") is not None and not _is_range(cp["in_flight"]):
+        raise ValueError("in_flight is not a key range")
+    for key in ("rows_processed", "batches_completed", "current_batch_size"):
+        if cp.get(key) is not None and (isinstance(cp[key], bool) or not isinstance(cp[key], int)):
+            raise ValueError(f"{key} is not an integer")
+    if cp.get("lease") is not None and not isinstance(cp["lease"], dict):
+        raise ValueError("lease is not an object")
+
+
 class CheckpointStore:
     """Load and save backfill rows; corrupt state is an error, never a silent restart from zero."""
 
@@ -91,6 +109,7 @@ class CheckpointStore:
             # paused before it started); otherwise starting from nothing would redo it from zero.
             if "position" not in checkpoint and (data["status"] not in ("pending", "paused") or data["rows_processed"]):
                 raise ValueError("no position recorded" if raw.strip() else "empty")
+            _check_shape(checkpoint)
         except ValueError as exc:
             raise BackfillError(
                 f"checkpoint_data of backfill {data['backfill_id']} (row version {data['version']}) is corrupt "

@@ -35,10 +35,17 @@ def holder(lease: dict | None, me: str, seconds: float | None = None) -> dict | 
     """The live lease held by someone else, or None if it is ours, stale or absent."""
     if not lease or lease.get("owner") == me:
         return None
-    age = time.time() - float(lease.get("heartbeat", 0))
+    try:
+        age = time.time() - float(lease.get("heartbeat", 0))
+    except (TypeError, ValueError):  # a heartbeat no runner wrote: it cannot be fresh
+        return None
     if age > (seconds if seconds is not None else lease_seconds()):
         return None
-    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0))):
+    try:
+        pid = int(lease.get("pid", 0))
+    except (TypeError, ValueError):
+        pid = 0
+    if lease.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid):
         return None
     return lease
 

@@ -59,12 +59,23 @@ def _columns(value):
         return "must not repeat a column"
 
 
+# Settings the batch protocol sets itself: a meta value would win over them (a fixed token
+# deduplicates every batch after the first away: silent loss) or be silently overridden.
+OWNED_SETTINGS = {
+    "insert_deduplicate": "is set by the backfill itself (exactly-once replays); remove it",
+    "insert_deduplication_token": "is set by the backfill itself (one token per batch range); remove it",
+    "max_execution_time": "is set from field 'timeout_seconds'; use that field",
+}
+
+
 def _settings(value):
     if not isinstance(value, dict):
         return "must be an object of ClickHouse settings"
     for key, val in value.items():
         if not IDENT.match(key) or not isinstance(val, SCALARS):
             return f"entry {key!r} must be a setting name with a scalar value"
+        if key.lower() in OWNED_SETTINGS:
+            return f"entry {key!r} {OWNED_SETTINGS[key.lower()]}"
 
 
 def _params(value):
