@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import threading
 import time
 
 import click
@@ -64,27 +66,40 @@ def list_cmd(app: App, status, as_json):
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: stop at the batch boundary. Second: interrupt the batch (it will be replayed)."""
+    """First SIGINT/SIGTERM: stop at the batch boundary. Second: record `paused` and exit now; the
+    interrupted batch is replayed on resume. A watcher thread reads the signals from a wakeup fd,
+    because the main thread may be inside a long batch query that Python cannot interrupt."""
 
-    def __init__(self, mgr):
-        self.mgr, self.signum, self.previous = mgr, None, {}
+    def __init__(self, mgr, version: int):
+        self.mgr, self.version, self.signum, self.previous = mgr, version, None, {}
 
     def __enter__(self):
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self.previous_fd = signal.set_wakeup_fd(write)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+            self.previous[sig] = signal.signal(sig, lambda *a: None)  # the watcher acts, not the main thread
+        threading.Thread(target=self._watch, args=(read,), daemon=True, name="signals").start()
         return self
 
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.mgr.request_stop()
-        click.echo(f"\n{signal.Signals(signum).name}: stopping after the current batch "
-                   f"(send again to interrupt it; it will be replayed)", err=True)
+    def _watch(self, read: int) -> None:
+        while True:
+            signum = os.read(read, 1)[0]
+            if self.signum is None:
+                self.signum = signum
+                self.mgr.request_stop()
+                click.echo(f"\n{signal.Signals(signum).name}: stopping after the current batch "
+                           f"(send again to stop now; the interrupted batch is replayed on resume)", err=True)
+                continue
+            try:
+                self.mgr.abandon_batch()
+                click.echo(f"stopped inside a batch; its range is replayed on resume. "
+                           f"Resume with 'migrate backfill resume {self.version}'", err=True)
+            finally:
+                os._exit(self.exit_code)
 
     def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self.previous_fd)  # handlers stay no-ops until exit: a late signal is ignored
 
     @property
     def exit_code(self) -> int:
@@ -115,15 +130,9 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
                        f"batch size {summary['current_batch_size']}")
 
     started = time.time()
-    with _Signals(mgr) as signals, progress:
-        try:
-            call = mgr.resume_backfill if resume else mgr.run_backfill
-            result = call(app.database, version, on_batch=on_batch, **kwargs)
-        except KeyboardInterrupt:
-            progress.stop()
-            click.echo(f"interrupted inside a batch; its range will be replayed. "
-                       f"Resume with 'migrate backfill resume {version}'", err=True)
-            sys.exit(signals.exit_code)
+    with _Signals(mgr, version) as signals, progress:
+        call = mgr.resume_backfill if resume else mgr.run_backfill
+        result = call(app.database, version, on_batch=on_batch, **kwargs)
     elapsed = time.time() - started
     stopped = result.get("stopped")
     click.echo(f"backfill {version}: {result['status']} ({stopped}); {result['rows_processed']:,} rows processed, "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import tracking
-from migrator.discovery import discover
+from migrator.discovery import discover, read_text
 from migrator.plugins import pm
 from migrator.sqltext import check_identifier, split_statements
 
@@ -83,7 +83,7 @@ class ClickHouseBackfillManager:
         self.migrations_dir = Path(migrations_dir or "migrations")
         self.control = control  # ControlChannel for an embedded store, else None
         self.sleep = sleep
-        self.store = CheckpointStore(ch_client, self.cluster)
+        self.store = CheckpointStore(_state_client(ch_client), self.cluster)
         self.owner = tracking.owner_id()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -225,6 +225,14 @@ class ClickHouseBackfillManager:
         """Stop at the next batch boundary (signal handlers call this)."""
         self._stop.set()
 
+    def abandon_batch(self) -> None:
+        """Record `paused` while a batch still runs (a second signal): its range stays in flight and is replayed."""
+        with self._lock:
+            if self._row is not None and self._row.status == "running":
+                self._row.status, self._row.writer = "paused", self.owner
+                self._row.checkpoint.pop("lease", None)
+                self.store.save(self._row)
+
     def list_backfills(self, database: str | None = None, status: str | None = None) -> list[dict]:
         """Registered backfills plus the ones discovered in the migrations directory but not registered."""
         rows = {r.backfill_id: r for r in self.store.load_all(database)}
@@ -270,8 +278,8 @@ class ClickHouseBackfillManager:
         cp["params"] = self._params(spec, database, params, cp.get("params"))
         if row.status == "completed":
             return {**self.summary(row, spec), "stopped": "already completed"}
-        other = holder(cp.get("lease"), self.owner) if row.status == "running" else None
-        if other:
+        other = holder(cp.get("lease"), self.owner) if row.status in ("running", "paused") else None
+        if other:  # a paused row still carrying a live lease: its runner has not reached the boundary yet
             raise BackfillError(f"backfill {bid} is already running ({other['owner']}, heartbeat "
                                 f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
         view = BackfillView(bid, version, database, spec.meta)
@@ -292,7 +300,6 @@ class ClickHouseBackfillManager:
         if newest.checkpoint.get("lease", {}).get("owner") != self.owner:
             raise BackfillError(f"backfill {bid} was claimed at the same time by "
                                 f"{newest.checkpoint.get('lease', {}).get('owner')}; refusing a second runner")
-        self._stop.clear()
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
         try:
@@ -307,6 +314,7 @@ class ClickHouseBackfillManager:
             raise
         finally:
             heartbeat.stop()
+            self._stop.clear()  # a stop request ends one run; cleared only after it was honoured
 
     def _loop(self, spec, keys: KeySpace, template: str, row: Row, max_batches, on_batch) -> dict:
         cp, since, done = row.checkpoint, row.version, 0
@@ -392,7 +400,7 @@ class ClickHouseBackfillManager:
                     raise BackfillError(f"batch after {batch['start'] or 'the start'} failed {attempt + 1} times: "
                                         f"{one_line(exc)}") from exc
                 log.warning("batch failed (%s); retry %s of %s", one_line(exc), attempt + 1, meta["max_retries"])
-                self.sleep(2 ** attempt)
+                self.sleep(min(2 ** attempt, 60))
                 attempt += 1
 
     def _render(self, template, spec, keys: KeySpace, row: Row, view, retry_count: int, batch=None) -> tuple[str, dict]:
@@ -443,7 +451,7 @@ def _dedup_settings(bid: str, batch: dict, retry_count: int, sql_skips_existing:
 
 
 def _template(spec: BackfillSpec) -> str:
-    text = spec.sql_path.read_text()
+    text = read_text(spec.sql_path)
     found = len(split_statements(text))
     if found != 1:
         raise BackfillError(f"{spec.sql_path}: must hold exactly one SQL statement (found {found})")
@@ -464,6 +472,16 @@ def _plain(value):
     if isinstance(value, (int, float, str)) or value is None:
         return value
     return str(value)
+
+
+def _state_client(client):
+    """Checkpoint writes (the heartbeat's too) need their own chDB handle: a handle runs one query
+    at a time, and a batch may hold it for minutes. Server clients without a session are shared."""
+    path = getattr(client, "path", None)
+    if type(client).__name__ == "ChdbClient" and path and path != ":memory:":
+        import clickhouse_connect
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+    return client
 
 
 def _has_tracking(client) -> bool:

@@ -24,6 +24,16 @@ def register_commands(cli):
 
 
 @hookimpl
+def check_migrations(context, migrations):
+    """A bad backfill meta or SQL file stops `up` before the schema is touched, not after."""
+    from .manager import _template
+    from .meta import load_spec
+    for migration in migrations:
+        if migration.has_backfill:
+            _template(load_spec(migration))
+
+
+@hookimpl
 def register_backfill(context, migration):
     """Each newly applied version with backfill files gets a pending row; run_on_startup ones run now."""
     if context.dry_run:

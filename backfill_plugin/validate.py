@@ -5,6 +5,7 @@ backfill ran with (e.g. cutover_timestamp), so it checks exactly what the backfi
 """
 from __future__ import annotations
 
+from migrator.discovery import read_text
 from migrator.sqltext import split_statements
 
 from .checkpoint import backfill_id
@@ -23,7 +24,7 @@ def validate(manager, database: str, version: int) -> list[dict]:
     values.update(row.checkpoint["params"] or {})
     values["db"] = database
     results = []
-    for stmt in split_statements(spec.validate_path.read_text()):
+    for stmt in split_statements(read_text(spec.validate_path)):
         sql, params = render(stmt, values, spec.validate_path)
         result = manager.ch_client.query(sql, parameters=params or None)
         for values_row in result.result_rows:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -146,6 +147,8 @@ def run(group: click.Group, argv=None) -> None:
     """Run a click group with the project's error contract: one line on stderr, no traceback."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MIGRATE_DEBUG")
+    if not debug:  # the driver logs its own copy of a connection error; ours is the one line
+        logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     try:
         group.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

@@ -47,7 +47,11 @@ def resolve(url: str | None) -> Target:
         if not raw.startswith("/"):
             raw = str(Path(raw or DEFAULT_STORE).resolve())
         return Target("chdb://" + raw, Path(raw))
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise MigrateError(f"--url {redact(url)!r}: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise MigrateError(f"--url {redact(url)!r}: expected chdb:///path or http(s)://user@host:port")
     return Target(url, None)
@@ -144,6 +148,7 @@ def connect(target: Target, argv: list[str] | None = None):
             username=urllib.parse.unquote(parsed.username or "default"),
             password=os.environ.get("CLICKHOUSE_PASSWORD") or urllib.parse.unquote(parsed.password or ""),
             secure=parsed.scheme == "https",
+            autogenerate_session_id=False,  # no session: threads (heartbeat, batch) may share the client
         )
     except Exception as exc:
         raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(str(exc)).splitlines()[0]}") from None

@@ -71,6 +71,16 @@ def _check_complete(mig: Migration, root: Path) -> None:
         raise MigrateError(f"{mig.backfill_validate}: a validate file needs {stem}.backfill.sql")
 
 
+def read_text(path: Path) -> str:
+    """A migration file's text; a file that is not UTF-8 is a one-line error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MigrateError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise MigrateError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def next_version(directory: str | Path) -> int:
     """The version `migrate new` gives: one past the highest present."""
     found = discover(directory) if Path(directory).is_dir() else {}

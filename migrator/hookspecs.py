@@ -10,6 +10,12 @@ def register_commands(cli):
 
 
 @hookspec
+def check_migrations(context, migrations):
+    """Called by `up` (and `up --dry-run`) before anything is applied, with the versions about to be
+    applied; raise MigrateError to refuse them all (e.g. a backfill's invalid meta file)."""
+
+
+@hookspec
 def after_migration_applied(context, migration):
     """Called after each version commits during `migrate up`."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import tracking
-from .discovery import Migration, discover
+from .discovery import Migration, discover, read_text
 from .errors import MigrateError
 from .plugins import load_plugins, pm
 from .sqltext import check_identifier, on_cluster, split_statements, substitute_db
@@ -54,7 +54,7 @@ class Migrator:
 
     def statements(self, path: Path) -> list[str]:
         """The exact statements `up`/`down` send for a file (what --dry-run prints)."""
-        stmts = split_statements(substitute_db(path.read_text(), self.ctx.database))
+        stmts = split_statements(substitute_db(read_text(path), self.ctx.database))
         return [on_cluster(s, self.ctx.cluster) for s in stmts] if self.ctx.cluster else stmts
 
     # -- writing -------------------------------------------------------------------------
@@ -100,6 +100,7 @@ class Migrator:
         if to is not None and to not in self.migrations and to != 0:
             raise MigrateError(f"--to {to}: no migration with that version")
         todo = [m for v, m in self.migrations.items() if v > st.curr_version and (to is None or v <= to)]
+        pm.hook.check_migrations(context=self.ctx, migrations=todo)  # refuse before anything is applied
         if self.ctx.dry_run:
             return self._print_sql([mig.up for mig in todo])
         applied = []

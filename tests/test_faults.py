@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import clickhouse_connect
 import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
@@ -307,8 +308,6 @@ def test_signal_pauses_at_a_batch_boundary_and_resume_completes(generic, sig, co
     assert_exact(store, rows)
 
 
-@pytest.mark.xfail(strict=True, reason="manager.run_backfill clears the stop flag (self._stop.clear()) after "
-                                       "claiming, so a SIGTERM taken while it claims is acknowledged and then ignored")
 def test_sigterm_while_the_runner_claims_still_pauses_at_the_first_boundary(generic):
     """The signal lands in the claim window: the live status file says running, no batch has run."""
     rows = 2_000
@@ -331,9 +330,6 @@ def test_sigterm_while_the_runner_claims_still_pauses_at_the_first_boundary(gene
     assert status_json(store, root)["status"] == "paused"
 
 
-@pytest.mark.xfail(strict=True, reason="cli._Signals: two SIGINTs that arrive while chDB runs the INSERT reach "
-                                       "Python as one (the handler runs once, after the call returns), so 'send "
-                                       "again to interrupt it' never interrupts a batch; the run pauses at the boundary")
 def test_second_signal_interrupts_the_batch_and_it_is_replayed(generic):
     """The first SIGINT asks for a stop at the boundary; a second one is promised to interrupt the batch."""
     rows = 300
@@ -349,7 +345,12 @@ def test_second_signal_interrupts_the_batch_and_it_is_replayed(generic):
     out, err = lines.rest()
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err
-    assert "interrupted inside a batch; its range will be replayed" in err
+    assert "stopped inside a batch; its range is replayed on resume" in err
+    status = status_json(store, root)
+    assert status["status"] == "paused" and status["checkpoint"]["in_flight"] is not None
+    proc = migrate(store, root, "backfill", "resume", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert_exact(store, rows)
 
 
 # -- concurrent runners ----------------------------------------------------------------------
@@ -580,8 +581,6 @@ def test_pause_from_another_thread_stops_at_the_batch_boundary(ch_client, db, in
     assert_exact_inproc(ch_client, db, rows)
 
 
-@pytest.mark.xfail(strict=True, reason="manager.run_backfill checks the lease only when the row is 'running': "
-                                       "a resume right after a pause starts while the paused runner is still in its batch")
 def test_resume_right_after_pause_waits_for_the_runner_still_in_its_batch(ch_client, db, inproc):
     rows = 180
     root = inproc(rows, 90, sql=COPY_SQL + " AND sleepEachRow(0.02) = 0", up=simple_up(rows))  # ~1.8 s a batch
@@ -592,7 +591,9 @@ def test_resume_right_after_pause_waits_for_the_runner_still_in_its_batch(ch_cli
     wait_until(lambda: ((operator.store.load(f"{db}_1") or first.store.load(f"{db}_1")).checkpoint.get("in_flight")
                         is not None))
     operator.pause_backfill(db, 1)  # the runner is inside batch 1 and holds a fresh lease
-    second = Runner(ClickHouseBackfillManager(ch_client, migrations_dir=root), db)
+    # Another operator's own client (a client runs one query at a time; the runner's is busy).
+    own = clickhouse_connect.get_client(dsn=f"chdb://{ch_client.path}") if hasattr(ch_client, "path") else ch_client
+    second = Runner(ClickHouseBackfillManager(own, migrations_dir=root), db)
     second.start()
     second.join(60)
     runner.join(60)

@@ -279,9 +279,6 @@ def test_cli_rejects_each_bad_meta_and_keeps_all_progress(shared):
     shared.assert_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="plugin.register_backfill validates the meta only after runner.up applied "
-                                       "the version: `up` exits 1 with the schema applied, and the backfill is "
-                                       "never registered once the meta is fixed ('nothing to apply')")
 def test_cli_up_with_a_bad_meta_applies_nothing(cli, migrations):
     root = migrations(1, "x", UP, DOWN, COPY, {**META, "bogus": 1})
     line = one_line_error(cli("up", migrations_dir=root))
@@ -441,8 +438,6 @@ def test_cli_unknown_placeholder_is_one_line_and_changes_nothing(shared):
     shared.assert_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="manager._template reads the SQL with read_text(): a non-UTF-8 file is "
-                                       "'error: UnicodeDecodeError: ...' without the file's name")
 def test_cli_backfill_sql_not_utf8_names_the_file(shared):
     sql_path = shared.root / "001_x.backfill.sql"
     try:

@@ -128,8 +128,6 @@ def test_server_url_password_never_shown_when_the_connection_fails(project, tmp_
                 assert "127.0.0.1:1" in errors[0]
 
 
-@pytest.mark.xfail(strict=True, reason="clickhouse-connect logs 'Unexpected Http Driver Exception' to stderr "
-                                       "(logging's last-resort handler) before migrate prints its one-line error")
 def test_failed_server_connection_is_exactly_one_line(project, tmp_path):
     proc = _server_run("CLICKHOUSE_URL", URLS["env-url"][1], ("up",), project, tmp_path)
     assert proc.returncode == 1
