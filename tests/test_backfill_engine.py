@@ -270,3 +270,30 @@ def test_escape_and_render():
     assert escape(3) == "3" and escape(Raw("x > 'y'")) == "x > 'y'"
     sql, params = render("SELECT '{s}', {n}, {t:String}", {"s": "it's", "n": 5, "t": "q'"})
     assert sql == "SELECT 'it\\'s', 5, {t:String}" and params == {"t": "q'"}
+
+
+def test_heartbeat_keeps_the_lease_fresh_during_a_long_batch(ch_client, db, generic, monkeypatch):
+    """A batch longer than the lease: without a heartbeat running beside the batch the lease would go
+    stale and a second runner would take over mid-batch."""
+    monkeypatch.setenv("BACKFILL_LEASE_SECONDS", "0.8")
+    sql = COPY_SQL + " AND sleepEachRow(0.0025) = 0"  # ~2.5 s for the one batch of 1000 rows
+    mgr = generic({"batch_size": 1000}, sql, up=SRC.replace("numbers(20000)", "numbers(1000)"))
+    own = ch_client if not hasattr(ch_client, "path") else __import__("clickhouse_connect").get_client(
+        dsn=f"chdb://{ch_client.path}")  # a second operator's own client: the runner's is busy
+    second = ClickHouseBackfillManager(own, migrations_dir=mgr.migrations_dir)
+    outcome = {}
+
+    def try_second():
+        import time
+        time.sleep(1.6)  # two lease lengths into the batch
+        try:
+            outcome["result"] = second.run_backfill(db, 1)
+        except BackfillError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=try_second)
+    thread.start()
+    assert mgr.run_backfill(db, 1)["status"] == "completed"
+    thread.join(30)
+    assert "refusing a second runner" in outcome.get("error", ""), outcome
+    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
