@@ -24,7 +24,7 @@ from . import hookspecs
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
 from .errors import BackfillError
 from .keys import KeySpace
-from .lease import Heartbeat, holder, lease_seconds, new_lease
+from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
 from .render import Raw, placeholders, render
 from .status import summarize
