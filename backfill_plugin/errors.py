@@ -1,6 +1,23 @@
 """Backfill failures the operator can act on (one line each, like every migrate error)."""
+import re
+
 from migrator.errors import MigrateError
 
 
 class BackfillError(MigrateError):
     """A backfill cannot start or go on; the message says what to do."""
+
+
+def error_code(exc: Exception) -> int | None:
+    """ClickHouse's error code (241 = out of memory), from the driver or from the message text."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    match = re.search(r"Code: (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error, for error_log and the operator's one-line message."""
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from migrator.sqltext import check_identifier, split_statements
 
 from . import hookspecs
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
-from .errors import BackfillError
+from .errors import BackfillError, error_code, one_line
 from .keys import KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
@@ -42,19 +41,6 @@ class BackfillView:
     version: int
     database: str
     metadata: dict
-
-
-def error_code(exc: Exception) -> int | None:
-    code = getattr(exc, "code", None)
-    if isinstance(code, int):
-        return code
-    match = re.search(r"Code: (\d+)", str(exc))
-    return int(match.group(1)) if match else None
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:500] if text else type(exc).__name__
 
 
 def coerce(value: str):
@@ -139,7 +125,8 @@ class ClickHouseBackfillManager:
                 "current_batch_size": spec.meta["batch_size"], "started_at": None, "last_updated": None,
                 "params": None, "recent": []}
 
-    def _params(self, spec: BackfillSpec, database: str, overrides: dict | None, stored: dict | None) -> dict:
+    def _params(self, spec: BackfillSpec, database: str, overrides: dict | None, stored: dict | None,
+                previous: dict | None = None) -> dict:
         """Params are fixed at first start (e.g. cutover_timestamp) and persisted in the checkpoint."""
         declared = spec.meta["params"]
         overrides = {k: coerce(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
@@ -157,6 +144,8 @@ class ClickHouseBackfillManager:
         for name, value in declared.items():
             if name in overrides:
                 values[name] = overrides[name]
+            elif name in (previous or {}):
+                values[name] = previous[name]
             elif isinstance(value, dict):
                 sql, _ = render(value["sql"], {"db": database}, spec.meta_path)
                 rows = self.ch_client.query(sql).result_rows
@@ -186,16 +175,24 @@ class ClickHouseBackfillManager:
                 lines.append(f"backfill {version} registered (pending): run 'migrate backfill run {version}'")
         return lines
 
-    def reset_backfill(self, database: str, version: int) -> None:
-        """Forget progress: a new pending row with a fresh checkpoint (history rows stay)."""
+    def reset_backfill(self, database: str, version: int, keep_params: bool = True) -> None:
+        """Forget progress: a new pending row with a fresh checkpoint (history rows stay).
+
+        The params fixed at first start (021's cutover) become the next run's defaults: recomputed
+        after a partial copy they would describe the copy, not the deploy. `--param` still overrides.
+        """
         spec, bid = self.spec(version), backfill_id(database, version)
         try:
             row = self.store.load(bid)
         except BackfillError:  # a corrupt checkpoint is exactly what reset is for
             row = None
-        if row is not None and row.status == "running" and holder(row.checkpoint.get("lease"), self.owner):
-            raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it first")
-        self._save(Row(bid, version, database, "pending", self._new_checkpoint(spec), writer=self.owner))
+        if row is not None and row.status in ("running", "paused") and holder(row.checkpoint.get("lease"), self.owner):
+            raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it "
+                                f"and wait for it to stop first")
+        cp = self._new_checkpoint(spec)
+        if keep_params and row is not None:
+            cp["previous_params"] = row.checkpoint.get("params") or row.checkpoint.get("previous_params")
+        self._save(Row(bid, version, database, "pending", cp, writer=self.owner))
         if self.control is not None:
             self.control.take_pause_request(bid)
 
@@ -275,7 +272,7 @@ class ClickHouseBackfillManager:
         row.checkpoint = cp
         if dry_run:
             return self._dry_run(spec, keys, template, row, params, batch_size)
-        cp["params"] = self._params(spec, database, params, cp.get("params"))
+        cp["params"] = self._params(spec, database, params, cp.get("params"), cp.get("previous_params"))
         if row.status == "completed":
             return {**self.summary(row, spec), "stopped": "already completed"}
         other = holder(cp.get("lease"), self.owner) if row.status in ("running", "paused") else None
@@ -378,8 +375,8 @@ class ClickHouseBackfillManager:
             dirty = batch["replay"] or _before(cp.get("replay_until"), batch["end"]) or attempt > 0
             retry = attempt + int(dirty and attempt == 0)
             sql, params = self._render(template, spec, keys, row, view, retry)
-            settings = {**_dedup_settings(row.backfill_id, batch, retry, "retry_count" in placeholders(template)),
-                        **meta["settings"], "max_execution_time": meta["timeout_seconds"]}
+            settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"],
+                        **_dedup_settings(row.backfill_id, batch, retry, "retry_count" in placeholders(template))}
             try:
                 self.ch_client.command(sql, parameters=params or None, settings=settings)
                 return
@@ -419,7 +416,7 @@ class ClickHouseBackfillManager:
 
     def _dry_run(self, spec, keys: KeySpace, template: str, row: Row, params, batch_size) -> dict:
         cp = row.checkpoint = dict(row.checkpoint)  # a private copy: nothing here is saved
-        cp["params"] = self._params(spec, row.db_name, params, cp.get("params"))
+        cp["params"] = self._params(spec, row.db_name, params, cp.get("params"), cp.get("previous_params"))
         size = int(batch_size or cp["current_batch_size"])
         batch = cp.get("in_flight")
         if batch is None:

@@ -46,4 +46,4 @@ def register_backfill(context, migration):
 def after_migration_rolled_back(context, migration):
     """Rolling a version back resets its backfill, so a later `up` starts it from zero."""
     if migration.has_backfill:
-        manager_for(context).reset_backfill(context.database, migration.version)
+        manager_for(context).reset_backfill(context.database, migration.version, keep_params=False)

@@ -297,3 +297,16 @@ def test_heartbeat_keeps_the_lease_fresh_during_a_long_batch(ch_client, db, gene
     thread.join(30)
     assert "refusing a second runner" in outcome.get("error", ""), outcome
     assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
+
+
+def test_reset_keeps_first_start_params_as_defaults_and_param_overrides(ch_client, db, generic):
+    """A cutover-like param recomputed after a reset would describe the copy, not the deploy."""
+    sql = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND b < {limit}"
+    mgr = generic({"params": {"limit": {"sql": "SELECT count() FROM {db}.dst"}}}, sql)
+    mgr.run_backfill(db, 1, params={"limit": "3000"})
+    mgr.reset_backfill(db, 1)
+    ch_client.command(f"TRUNCATE TABLE {db}.dst")
+    ch_client.command(f"INSERT INTO {db}.dst VALUES ('q', 1, 'x')")  # the SQL default would now say 1
+    assert mgr.run_backfill(db, 1)["checkpoint"]["params"] == {"limit": 3000}
+    mgr.reset_backfill(db, 1)
+    assert mgr.run_backfill(db, 1, params={"limit": "10"})["checkpoint"]["params"] == {"limit": 10}
