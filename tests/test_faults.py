@@ -692,26 +692,35 @@ def test_crash_between_insert_and_checkpoint_replays_without_duplicates(ch_clien
     assert_exact_inproc(ch_client, db, rows)
 
 
-# Real engine errors on the first attempt only. throwIf is evaluated while reading, after earlier
-# granules were already inserted: with one thread and small insert blocks (meta settings, which
-# override the manager's one-block default) the failed INSERT commits 16,384 rows first (chDB 26).
+# Real engine errors. throwIf is evaluated while reading, after earlier granules were already
+# inserted: with one thread and small insert blocks the failed INSERT commits 16,384 rows first
+# (chDB 26). The framework squashes SQL without {retry_count} into one block whatever the meta says.
 PARTIAL_COMMIT = {"max_threads": 1, "max_block_size": 8192, "min_insert_block_size_rows": 1000,
                   "min_insert_block_size_bytes": 0}
-FIRST_ATTEMPT_FAILS = {
-    # the scalar subquery is evaluated before anything is inserted: only the first attempt sees an empty target
-    "token": COPY_SQL + " AND throwIf((SELECT count() FROM {db}.dst) = 0 AND a = 'k020000') = 0",
-    "anti-join": COPY_SQL + " AND throwIf({retry_count} = 0 AND a = 'k020000') = 0" + ANTI_JOIN,
-}
+FIRST_ATTEMPT_FAILS = COPY_SQL + " AND throwIf({retry_count} = 0 AND a = 'k020000') = 0" + ANTI_JOIN
 
 
-@pytest.mark.parametrize("replay", ["token", "anti-join"])
-def test_transient_error_after_a_partial_commit_is_retried_without_duplicates(ch_client, db, inproc, replay):
+def test_token_only_sql_never_commits_part_of_a_failed_batch(ch_client, db, inproc):
+    """Without {retry_count} the token is the only replay guard, so a batch must commit whole or not at
+    all: meta settings that would split the INSERT into blocks are overridden (real error 395)."""
+    rows = 40_000
+    root = inproc(rows, 32_768, sql=COPY_SQL + " AND throwIf(a = 'k020000') = 0", up=simple_up(rows),
+                  min_batch_size=1000, settings=PARTIAL_COMMIT, max_retries=1)
+    seen = []
+    manager = ClickHouseBackfillManager(
+        ch_client, migrations_dir=root, sleep=lambda s: seen.append(ch_client.command(f"SELECT count() FROM {db}.dst")))
+    with pytest.raises(BackfillError, match="failed 2 times: Code: 395"):
+        manager.run_backfill(db, 1)
+    assert seen == [0] and ch_client.command(f"SELECT count() FROM {db}.dst") == 0
+
+
+def test_transient_error_after_a_partial_commit_is_retried_without_duplicates(ch_client, db, inproc):
     """A real FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (395) in the middle of a 32,768-row batch, on the
     first attempt only; sleep is patched to record the backoff and what the target held then. (The
     batch is 4 whole granules and the failing row is in the 3rd: the engine evaluates throwIf on
     every row of a granule it reads, so a later batch sharing that granule would fail too.)"""
     rows = 40_000
-    root = inproc(rows, 32_768, sql=FIRST_ATTEMPT_FAILS[replay], up=simple_up(rows), min_batch_size=1000,
+    root = inproc(rows, 32_768, sql=FIRST_ATTEMPT_FAILS, up=simple_up(rows), min_batch_size=1000,
                   settings=PARTIAL_COMMIT)
     sleeps = []
     manager = ClickHouseBackfillManager(
