@@ -166,23 +166,27 @@ def _params(values) -> dict:
 def run(app: App, version, max_batches, batch_size, params, dry_run):
     """Run (or continue) a backfill until it completes."""
     if dry_run:
-        out = manager(app).run_backfill(app.database, version, batch_size=batch_size,
-                                        params=_params(params), dry_run=True)
-        click.echo(f"backfill {version}: status {out['status']}, {out['rows_remaining']:,} source rows past the position")
-        if out["first_batch"] is None:
-            click.echo("nothing left to do")
-            return
-        fb = out["first_batch"]
-        after = "from the start" if fb["start"] is None else f"after {fb['start']}"
-        click.echo(f"first batch: {after} up to and including {fb['end']} ({fb['rows']:,} rows)")
-        fixed = "fixed" if out["status"] not in ("pending", "not registered") else "preview; fixed at first start"
-        click.echo(f"params ({fixed}): {json.dumps(out['checkpoint'].get('params') or {}, default=str)}")
-        if out.get("sql_parameters"):
-            click.echo(f"bound server-side: {json.dumps(out['sql_parameters'], default=str)}")
-        click.echo("-- rendered SQL")
-        click.echo(out["sql"])
+        _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
+                                                          params=_params(params), dry_run=True))
         return
     _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params))
+
+
+def _print_dry_run(version: int, out: dict) -> None:
+    """Scope, the first batch's range, the params and the exact SQL of `run --dry-run`."""
+    click.echo(f"backfill {version}: status {out['status']}, {out['rows_remaining']:,} source rows past the position")
+    fb = out["first_batch"]
+    if fb is None:
+        click.echo("nothing left to do")
+        return
+    after = "from the start" if fb["start"] is None else f"after {fb['start']}"
+    click.echo(f"first batch: {after} up to and including {fb['end']} ({fb['rows']:,} rows)")
+    fixed = "fixed" if out["status"] not in ("pending", "not registered") else "preview; fixed at first start"
+    click.echo(f"params ({fixed}): {json.dumps(out['checkpoint'].get('params') or {}, default=str)}")
+    if out.get("sql_parameters"):
+        click.echo(f"bound server-side: {json.dumps(out['sql_parameters'], default=str)}")
+    click.echo("-- rendered SQL")
+    click.echo(out["sql"])
 
 
 @backfill.command()

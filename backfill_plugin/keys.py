@@ -24,6 +24,11 @@ def _is_string(ch_type: str) -> bool:
     return ch_type.replace("LowCardinality(", "").startswith(("String", "FixedString"))
 
 
+def _decoded(value):
+    """Key bytes become text; bytes that are not UTF-8 survive as surrogate escapes."""
+    return bytes(value).decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else value
+
+
 @dataclass
 class KeySpace:
     """The checkpoint columns of one source table and their types."""
@@ -45,11 +50,6 @@ class KeySpace:
     def default(self, col: str):
         """What `{checkpoint_<col>}` shows before the first batch."""
         return 0 if _is_numeric(self.types[col]) else ""
-
-    def value(self, col: str, value):
-        if isinstance(value, (bytes, bytearray)):  # bytes that are not UTF-8 survive as surrogate escapes
-            return bytes(value).decode("utf-8", "surrogateescape")
-        return int(value) if _is_numeric(self.types[col]) and isinstance(value, int) else value
 
     def after(self, position: list | None) -> str:
         """Predicate: key strictly greater than `position` (TRUE when there is none)."""
@@ -85,7 +85,7 @@ class KeySpace:
                            query_formats=_RAW).result_rows[0]
         if not row[-1]:
             return None
-        return [self.value(c, v) for c, v in zip(self.columns, row[:-1])], int(row[-1])
+        return [_decoded(v) for v in row[:-1]], int(row[-1])
 
     def remaining(self, client, position: list | None) -> int:
         """Source rows past the position (for progress and ETA; not run per batch)."""

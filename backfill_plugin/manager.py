@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import tracking
-from migrator.discovery import discover, read_text
+from migrator.discovery import discover
 from migrator.plugins import pm
-from migrator.sqltext import check_identifier, split_statements
+from migrator.sqltext import check_identifier
 
 from . import hookspecs
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
@@ -25,7 +25,7 @@ from .errors import BackfillError, error_code, one_line
 from .keys import KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
-from .render import Raw, placeholders, render
+from .render import Raw, placeholders, read_template, render
 from .status import summarize
 
 log = logging.getLogger("backfill")
@@ -111,7 +111,7 @@ class ClickHouseBackfillManager:
         if status != "running":
             row.checkpoint.pop("lease", None)
         self._save(row)
-        view = BackfillView(row.backfill_id, row.migration_version, row.db_name, {})
+        view = BackfillView(row.backfill_id, row.migration_version, row.db_name, self._spec.meta if self._spec else {})
         pm.hook.backfill_status_changed(backfill=view, status=status, error=error)
         self._publish(row)
         return row
@@ -224,11 +224,9 @@ class ClickHouseBackfillManager:
 
     def abandon_batch(self) -> None:
         """Record `paused` while a batch still runs (a second signal): its range stays in flight and is replayed."""
-        with self._lock:
-            if self._row is not None and self._row.status == "running":
-                self._row.status, self._row.writer = "paused", self.owner
-                self._row.checkpoint.pop("lease", None)
-                self.store.save(self._row)
+        row = self._row
+        if row is not None and row.status == "running":
+            self._set_status(row, "paused")
 
     def list_backfills(self, database: str | None = None, status: str | None = None) -> list[dict]:
         """Registered backfills plus the ones discovered in the migrations directory but not registered."""
@@ -266,7 +264,7 @@ class ClickHouseBackfillManager:
         state = tracking.read_state(self.ch_client, database) if _has_tracking(self.ch_client) else None
         if state is None or state.curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
-        keys, template = self.keyspace(spec, database), _template(spec)
+        keys, template = self.keyspace(spec, database), read_template(spec.sql_path)
         row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
         cp = row.checkpoint or self._new_checkpoint(spec)
         row.checkpoint = cp
@@ -293,21 +291,17 @@ class ClickHouseBackfillManager:
         row.error_log = None
         self._set_status(row, "running")
         time.sleep(0.2)  # let a runner that claimed at the same instant land its row, then re-check
-        newest = self.store.load(bid)
-        if newest.checkpoint.get("lease", {}).get("owner") != self.owner:
-            raise BackfillError(f"backfill {bid} was claimed at the same time by "
-                                f"{newest.checkpoint.get('lease', {}).get('owner')}; refusing a second runner")
+        claimant = (self.store.load(bid).checkpoint.get("lease") or {}).get("owner")
+        if claimant != self.owner:
+            raise BackfillError(f"backfill {bid} was claimed at the same time by {claimant}; refusing a second runner")
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
         try:
             return self._loop(spec, keys, template, row, max_batches, on_batch)
         except BaseException as exc:
             if row.status == "running":  # interrupted inside a batch: the in-flight range stays for replay
-                if isinstance(exc, BackfillError):
-                    self._set_status(row, "failed", one_line(exc))
-                else:
-                    self._set_status(row, "paused" if isinstance(exc, KeyboardInterrupt) else "failed",
-                                     None if isinstance(exc, KeyboardInterrupt) else one_line(exc))
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                self._set_status(row, "paused" if interrupted else "failed", None if interrupted else one_line(exc))
             raise
         finally:
             heartbeat.stop()
@@ -370,13 +364,14 @@ class ClickHouseBackfillManager:
     def _execute(self, spec: BackfillSpec, keys: KeySpace, template: str, row: Row, view: BackfillView) -> None:
         """Run the in-flight batch: halve on OOM, back off and retry other errors, fail when out of tries."""
         cp, meta, attempt = row.checkpoint, spec.meta, 0
+        skips_existing = "retry_count" in placeholders(template)
         while True:
             batch = cp["in_flight"]
-            dirty = batch["replay"] or _before(cp.get("replay_until"), batch["end"]) or attempt > 0
-            retry = attempt + int(dirty and attempt == 0)
+            # > 0 whenever an earlier attempt may have committed part of this range
+            retry = attempt or int(batch["replay"] or _before(cp.get("replay_until"), batch["end"]))
             sql, params = self._render(template, spec, keys, row, view, retry)
             settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"],
-                        **_dedup_settings(row.backfill_id, batch, retry, "retry_count" in placeholders(template))}
+                        **_dedup_settings(row.backfill_id, batch, retry, skips_existing)}
             try:
                 self.ch_client.command(sql, parameters=params or None, settings=settings)
                 return
@@ -445,14 +440,6 @@ def _dedup_settings(bid: str, batch: dict, retry_count: int, sql_skips_existing:
     if not sql_skips_existing:
         out.update(min_insert_block_size_rows=ONE_BLOCK, min_insert_block_size_bytes=ONE_BLOCK, max_insert_threads=1)
     return out
-
-
-def _template(spec: BackfillSpec) -> str:
-    text = read_text(spec.sql_path)
-    found = len(split_statements(text))
-    if found != 1:
-        raise BackfillError(f"{spec.sql_path}: must hold exactly one SQL statement (found {found})")
-    return text
 
 
 def _before(limit, end) -> bool:

@@ -26,11 +26,11 @@ def register_commands(cli):
 @hookimpl
 def check_migrations(context, migrations):
     """A bad backfill meta or SQL file stops `up` before the schema is touched, not after."""
-    from .manager import _template
     from .meta import load_spec
+    from .render import read_template
     for migration in migrations:
         if migration.has_backfill:
-            _template(load_spec(migration))
+            read_template(load_spec(migration).sql_path)
 
 
 @hookimpl

@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from migrator.discovery import read_text
+from migrator.sqltext import split_statements
+
 from .errors import BackfillError
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}]+))?\}")
@@ -59,3 +62,12 @@ def render(template: str, values: dict, source: Path | str = "backfill SQL") -> 
 def placeholders(template: str) -> set[str]:
     """Every `{name}` a template uses (for --dry-run and validation before the first batch)."""
     return {m.group(1) for m in PLACEHOLDER.finditer(template)}
+
+
+def read_template(path: Path) -> str:
+    """A backfill's SQL: one statement, since each batch sends exactly one query."""
+    text = read_text(path)
+    found = len(split_statements(text))
+    if found != 1:
+        raise BackfillError(f"{path}: must hold exactly one SQL statement (found {found})")
+    return text
