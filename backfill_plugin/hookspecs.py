@@ -23,10 +23,3 @@ def backfill_batch_completed(backfill, batch):
 @hookspec
 def backfill_status_changed(backfill, status, error):
     """Called when a backfill moves to running, paused, completed or failed (error set on failed)."""
-
-
-def add_to(pm) -> None:
-    """Declare these hooks on `pm` once (the plugin and a bare manager both need them)."""
-    import sys
-    if not hasattr(pm.hook, "backfill_placeholders"):
-        pm.add_hookspecs(sys.modules[__name__])

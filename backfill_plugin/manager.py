@@ -16,10 +16,10 @@ from pathlib import Path
 
 from migrator import tracking
 from migrator.discovery import discover
-from migrator.plugins import pm
+from migrator.plugins import ensure_registered, pm
 from migrator.sqltext import check_identifier
 
-from . import hookspecs
+from . import plugin
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
 from .errors import BackfillError, error_code, one_line
 from .keys import KeySpace
@@ -29,7 +29,6 @@ from .render import Raw, placeholders, read_template, render
 from .status import summarize
 
 log = logging.getLogger("backfill")
-hookspecs.add_to(pm)
 OOM, RECENT, ONE_BLOCK = 241, 20, 1 << 40
 
 
@@ -64,6 +63,7 @@ class ClickHouseBackfillManager:
 
     def __init__(self, ch_client, replicated: bool | None = None, migrations_dir=None,
                  cluster: str | None = None, control=None, sleep=time.sleep):
+        ensure_registered(plugin, plugin.NAME)  # its hookspecs, also when entry points are off
         self.ch_client = ch_client
         self.cluster = cluster if replicated is not False else None
         self.migrations_dir = Path(migrations_dir or "migrations")

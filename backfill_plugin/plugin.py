@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from migrator import hookimpl
-from migrator.plugins import pm
 
 from . import hookspecs
 
-hookspecs.add_to(pm)  # our own extension points live on the same manager
+NAME = "backfill"  # the entry point's name; library use registers the module under it too
+
+
+@hookimpl
+def add_hookspecs(pm):
+    """Our own extension points live on the same manager as the migrator's."""
+    pm.add_hookspecs(hookspecs)
 
 
 def manager_for(context):

@@ -4,6 +4,15 @@ import pluggy
 hookspec = pluggy.HookspecMarker("migrator")
 
 
+@hookspec(historic=True)
+def add_hookspecs(pm):
+    """Declare a plugin's own hookspecs on `pm` (e.g. `pm.add_hookspecs(my_hookspecs)`).
+
+    Historic: a plugin registered at any time, in any order, gets this call as it registers, so
+    hooks it declares are known before the unknown-hook check runs after all plugins are loaded.
+    """
+
+
 @hookspec
 def register_commands(cli):
     """Add click commands or groups to the `migrate` CLI (the backfill plugin adds `backfill`)."""

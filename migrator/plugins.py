@@ -11,11 +11,16 @@ DISABLE_ENV = "MIGRATOR_DISABLE_PLUGINS"
 
 pm = pluggy.PluginManager("migrator")
 pm.add_hookspecs(hookspecs)
+pm.hook.add_hookspecs.call_historic(kwargs={"pm": pm})  # every plugin, whenever it registers
 _loaded = False
 
 
 def load_plugins() -> pluggy.PluginManager:
-    """Load entry points once (unless MIGRATOR_DISABLE_PLUGINS=1); a misspelled hookimpl fails here."""
+    """Load entry points once (unless MIGRATOR_DISABLE_PLUGINS=1); a misspelled hookimpl fails here.
+
+    The unknown-hook check runs only after every entry point has registered (and declared its own
+    hookspecs), so the order in which entry points load never matters.
+    """
     global _loaded
     if not _loaded:
         _loaded = True
@@ -23,6 +28,13 @@ def load_plugins() -> pluggy.PluginManager:
             pm.load_setuptools_entrypoints("migrator")
         pm.check_pending()
     return pm
+
+
+def ensure_registered(plugin, name: str) -> None:
+    """Library use (no entry points, or plugins disabled) still needs a plugin's hooks declared."""
+    load_plugins()
+    if not pm.has_plugin(name) and not pm.is_registered(plugin):
+        pm.register(plugin, name=name)
 
 
 def describe() -> list[dict]:

@@ -7,8 +7,11 @@ like an installed one, so this exercises pluggy's `load_setuptools_entrypoints("
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pluggy
@@ -251,3 +254,52 @@ def test_check_pending_rejects_a_misspelled_inline_hookimpl():
     finally:
         pm.unregister(typo)
     pm.check_pending()  # the manager is clean again
+
+
+PLACEHOLDER_PLUGIN = '''
+import sys
+
+import click
+from migrator import hookimpl
+
+AFTER_BACKFILL = "backfill_plugin.plugin" in sys.modules  # which entry point loaded first
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("tenant-hello")
+    def tenant_hello():
+        click.echo(f"tenant plugin loaded {'after' if AFTER_BACKFILL else 'before'} the backfill plugin")
+
+
+@hookimpl
+def backfill_placeholders(backfill, checkpoint):
+    return {"tenant": "acme"}
+'''
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_a_plugin_implementing_backfill_hooks_loads_in_either_order(tmp_path, order):
+    """A third party implementing a backfill hook must not depend on loading after the backfill plugin.
+
+    On PYTHONPATH its dist-info is found before site-packages (it loads first); appended to sys.path
+    after site-packages it loads after the backfill plugin. The working directory is not the repo,
+    whose egg-info would otherwise be found first.
+    """
+    site = make_dist(tmp_path / "site", "tenant-plugin", "0.1.0", "mig_tenant_plugin", PLACEHOLDER_PLUGIN, "tenant")
+    boot = ("import sys; sys.path.append(sys.argv.pop(1)); sys.argv[0] = 'migrate'; "
+            "from migrator.cli import main; main()")
+    env = {**os.environ, "MIGRATOR_DISABLE_PLUGINS": "", "CLICKHOUSE_URL": f"chdb://{tmp_path / 'store'}"}
+    if order == "before":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+        argv = [sys.executable, "-m", "migrator"]
+    else:
+        argv = [sys.executable, "-c", boot, str(site)]
+    run = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run(argv + ["plugins", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    names = [p["name"] for p in json.loads(proc.stdout)]
+    assert "tenant" in names and "backfill" in names
+    hello = run(argv + ["tenant-hello"])
+    assert hello.returncode == 0, hello.stderr
+    assert hello.stdout.strip() == f"tenant plugin loaded {order} the backfill plugin"

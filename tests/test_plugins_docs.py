@@ -9,12 +9,13 @@ import pluggy
 import pytest
 
 import backfill_plugin.hookspecs
-import backfill_plugin.plugin  # noqa: F401  (adds the backfill hookspecs to the shared manager)
+import backfill_plugin.plugin
 import migrator.hookspecs
-from migrator.plugins import pm
+from migrator.plugins import ensure_registered, pm
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 HEADING_RE = re.compile(r"^###\s+(\w+)\((.*)\)\s*$", re.MULTILINE)
+ensure_registered(backfill_plugin.plugin, backfill_plugin.plugin.NAME)  # declares its hookspecs
 SPEC_MODULES = [migrator.hookspecs, backfill_plugin.hookspecs]
 
 
