@@ -8,6 +8,10 @@ class BackfillError(MigrateError):
     """A backfill cannot start or go on; the message says what to do."""
 
 
+class LeaseLost(BackfillError):
+    """Another runner took the backfill over: this one must stop without writing its state."""
+
+
 def error_code(exc: Exception) -> int | None:
     """ClickHouse's error code (241 = out of memory), from the driver or from the message text."""
     code = getattr(exc, "code", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import BackfillError
 from .render import literal
 
 _NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
@@ -74,18 +75,38 @@ class KeySpace:
         first = f"{cols[0]} {op}= {lits[0]}"  # a plain bound on the first column lets the index prune
         return f"({first} AND ({' OR '.join(terms)}))"
 
+    def _typed(self, point: list) -> str:
+        """A key as a typed tuple, so ClickHouse compares it exactly as it sorts the table."""
+        return "tuple(" + ", ".join(f"CAST({literal(v)}, {literal(self.types[c])})"
+                                    for c, v in zip(self.columns, point)) + ")"
+
     def next_batch(self, client, position: list | None, batch_size: int) -> tuple[list, int] | None:
-        """(last key of the next batch, its source row count), or None when no key is left."""
+        """(last key of the next batch, its source row count), or None when no key is left.
+
+        The same query checks that the end lies strictly past the position: a batch that would not
+        advance would repeat forever, so it stops the run instead.
+        """
         cols = ", ".join(self.columns)
         inner = (f"SELECT {cols} FROM {self.database}.{self.table} WHERE {self.after(position)} "
                  f"ORDER BY {cols} LIMIT {int(batch_size)} WITH TIES")
         picks = ", ".join(f"tupleElement(max(tuple({cols})), {i + 1}) AS _k{i}" for i in range(len(self.columns)))
         outer = ", ".join(self._exact(c, f"_k{i}") for i, c in enumerate(self.columns))
-        row = client.query(f"SELECT {outer}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
+        keys = ", ".join(f"_k{i}" for i in range(len(self.columns)))
+        advances = "1" if position is None else f"tuple({keys}) > {self._typed(position)}"
+        row = client.query(f"SELECT {outer}, {advances}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
                            query_formats=_RAW).result_rows[0]
         if not row[-1]:
             return None
-        return [_decoded(v) for v in row[:-1]], int(row[-1])
+        end = [_decoded(v) for v in row[:-2]]
+        if not row[-2]:
+            raise BackfillError(f"the next batch of {self.database}.{self.table} would end at {end}, not past its "
+                                f"start {position}; stopping instead of repeating the range (check the "
+                                f"checkpoint columns against the table's sorting key)")
+        return end, int(row[-1])
+
+    def at_or_before(self, client, key: list, limit: list) -> bool:
+        """`key` <= `limit` in the table's own order (read only after a failed attempt)."""
+        return bool(client.command(f"SELECT {self._typed(key)} <= {self._typed(limit)}"))
 
     def remaining(self, client, position: list | None) -> int:
         """Source rows past the position (for progress and ETA; not run per batch)."""

@@ -6,12 +6,9 @@ advance. Migration-specific logic stays in the SQL; this file only keeps positio
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import tracking
@@ -19,27 +16,20 @@ from migrator.discovery import discover
 from migrator.plugins import ensure_registered, pm
 from migrator.sqltext import check_identifier
 
-from . import plugin
+from . import plugin, preflight
+from .attempt import Attempts, BatchExecution
+from .batch import Batch
 from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
-from .errors import BackfillError, error_code, one_line
+from .errors import BackfillError, LeaseLost, one_line
 from .keys import KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
-from .render import Raw, placeholders, read_template, render
+from .render import read_template, render
+from .run import BackfillView, Run
 from .status import summarize
 
 log = logging.getLogger("backfill")
-OOM, RECENT, ONE_BLOCK = 241, 20, 1 << 40
-
-
-@dataclass
-class BackfillView:
-    """What hooks see of a backfill: enough to label metrics or compute placeholders."""
-
-    backfill_id: str
-    version: int
-    database: str
-    metadata: dict
+RECENT = 20  # batches the rate and ETA are computed over
 
 
 def coerce(value: str):
@@ -70,6 +60,7 @@ class ClickHouseBackfillManager:
         self.control = control  # ControlChannel for an embedded store, else None
         self.sleep = sleep
         self.store = CheckpointStore(_state_client(ch_client), self.cluster)
+        self.attempts = Attempts(ch_client, self.cluster, sleep)
         self.owner = tracking.owner_id()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -189,6 +180,7 @@ class ClickHouseBackfillManager:
         if row is not None and row.status in ("running", "paused") and holder(row.checkpoint.get("lease"), self.owner):
             raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it "
                                 f"and wait for it to stop first")
+        self.attempts.kill_earlier(bid)  # an orphaned attempt must not write into the restarted backfill
         cp = self._new_checkpoint(spec)
         if keep_params and row is not None:
             cp["previous_params"] = row.checkpoint.get("params") or row.checkpoint.get("previous_params")
@@ -264,12 +256,12 @@ class ClickHouseBackfillManager:
         state = tracking.read_state(self.ch_client, database) if _has_tracking(self.ch_client) else None
         if state is None or state.curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
-        keys, template = self.keyspace(spec, database), read_template(spec.sql_path)
         row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
-        cp = row.checkpoint or self._new_checkpoint(spec)
-        row.checkpoint = cp
+        row.checkpoint = row.checkpoint or self._new_checkpoint(spec)
+        run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row)
         if dry_run:
-            return self._dry_run(spec, keys, template, row, params, batch_size)
+            return self._dry_run(run, params, batch_size)
+        cp = row.checkpoint
         cp["params"] = self._params(spec, database, params, cp.get("params"), cp.get("previous_params"))
         if row.status == "completed":
             return {**self.summary(row, spec), "stopped": "already completed"}
@@ -277,27 +269,20 @@ class ClickHouseBackfillManager:
         if other:  # a paused row still carrying a live lease: its runner has not reached the boundary yet
             raise BackfillError(f"backfill {bid} is already running ({other['owner']}, heartbeat "
                                 f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
-        view = BackfillView(bid, version, database, spec.meta)
-        preview = {"start": None, "end": [keys.default(c) for c in keys.columns], "batch_size": 1}
-        self._render(template, spec, keys, row, view, 0, batch=preview)  # unknown placeholders fail before any write
+        preview = Batch(None, [run.keys.default(c) for c in run.keys.columns], 1, 1)
+        run.render(preview, 0)  # unknown placeholders fail before any write
+        preflight.check(run, self.cluster)
         if batch_size:
             cp["current_batch_size"] = int(batch_size)
         if self.control is not None:
             self.control.take_pause_request(bid)  # a request left while no runner was there is stale
-        self._spec = spec
-        cp.update(lease=new_lease(self.owner), recent=[], started_at=cp.get("started_at") or utcnow().isoformat(),
-                  rows_total=cp.get("rows_processed", 0) + keys.remaining(self.ch_client, cp.get("position")))
-        row.started_at = row.started_at or utcnow()
-        row.error_log = None
-        self._set_status(row, "running")
-        time.sleep(0.2)  # let a runner that claimed at the same instant land its row, then re-check
-        claimant = (self.store.load(bid).checkpoint.get("lease") or {}).get("owner")
-        if claimant != self.owner:
-            raise BackfillError(f"backfill {bid} was claimed at the same time by {claimant}; refusing a second runner")
+        self._claim(run)
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
         try:
-            return self._loop(spec, keys, template, row, max_batches, on_batch)
+            return self._loop(run, max_batches, on_batch)
+        except LeaseLost:
+            raise  # the new runner owns the row now: write nothing
         except BaseException as exc:
             if row.status == "running":  # interrupted inside a batch: the in-flight range stays for replay
                 interrupted = isinstance(exc, KeyboardInterrupt)
@@ -307,45 +292,67 @@ class ClickHouseBackfillManager:
             heartbeat.stop()
             self._stop.clear()  # a stop request ends one run; cleared only after it was honoured
 
-    def _loop(self, spec, keys: KeySpace, template: str, row: Row, max_batches, on_batch) -> dict:
-        cp, since, done = row.checkpoint, row.version, 0
-        view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
+    def _claim(self, run: Run) -> None:
+        """Take the lease; a runner that claimed at the same instant makes exactly one side back off."""
+        row, cp = run.row, run.checkpoint
+        self._spec = run.spec
+        cp.update(lease=new_lease(self.owner), recent=[], started_at=cp.get("started_at") or utcnow().isoformat(),
+                  rows_total=cp.get("rows_processed", 0) + run.keys.remaining(self.ch_client, cp.get("position")))
+        row.started_at = row.started_at or utcnow()
+        row.error_log = None
+        self._set_status(row, "running")
+        time.sleep(0.2)  # let a runner that claimed at the same instant land its row, then re-check
+        claimant = (self.store.load(row.backfill_id).checkpoint.get("lease") or {}).get("owner")
+        if claimant != self.owner:
+            raise BackfillError(f"backfill {row.backfill_id} was claimed at the same time by {claimant}; "
+                                f"refusing a second runner")
+
+    def _confirm_lease(self, bid: str) -> None:
+        """Before a retry or replay: a runner that lost its lease must not kill its successor's attempt."""
+        lease = (self.store.load(bid).checkpoint.get("lease") or {})
+        if lease.get("owner") != self.owner:
+            raise LeaseLost(f"backfill {bid}: another runner ({lease.get('owner', 'unknown')}) took over the lease; "
+                            f"this one stopped without running the batch")
+
+    def _loop(self, run: Run, max_batches, on_batch) -> dict:
+        row, cp, since, done = run.row, run.checkpoint, run.row.version, 0
+        execution = BatchExecution(run, self.attempts, lambda: self._save(row),
+                                   lambda: self._confirm_lease(row.backfill_id), self.owner, self.sleep)
         while True:
-            batch = cp.get("in_flight")
+            batch = run.in_flight
             if batch is None:
                 reason = self._should_stop(row, since, max_batches, done)
                 if reason:
                     if reason != "lease lost":
                         self._set_status(row, "paused")
-                    return {**self.summary(row, spec), "stopped": reason}
-                found = keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"])
+                    return {**self.summary(row, run.spec), "stopped": reason}
+                found = run.keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"])
                 if found is None:
                     self._set_status(row, "completed")
-                    return {**self.summary(row, spec), "stopped": "completed"}
-                batch = {"start": cp.get("position"), "end": found[0], "rows": found[1],
-                         "batch_size": cp["current_batch_size"], "replay": False}
-                cp["in_flight"] = batch
+                    return {**self.summary(row, run.spec), "stopped": "completed"}
+                run.in_flight = Batch(cp.get("position"), found[0], found[1], cp["current_batch_size"])
                 # Write-ahead: from here a crash replays exactly this range. The same row also
                 # persists the previous batch's completion (one write per batch, not two).
                 self._save(row)
             else:
-                batch["replay"] = True
+                batch.replay = True
+                run.in_flight = batch
             started = time.time()
-            self._execute(spec, keys, template, row, view)
+            batch = execution.execute()
             with self._lock:  # the heartbeat may save meanwhile: it must see a consistent checkpoint
-                batch = cp["in_flight"]
-                cp.update(in_flight=None, position=batch["end"], last_updated=utcnow().isoformat(),
-                          rows_processed=int(cp.get("rows_processed", 0)) + int(batch["rows"]),
+                run.in_flight = None
+                cp.update(position=batch.end, last_updated=utcnow().isoformat(),
+                          rows_processed=int(cp.get("rows_processed", 0)) + batch.rows,
                           batches_completed=int(cp.get("batches_completed", 0)) + 1)
                 cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
             done += 1
-            event = {"number": cp["batches_completed"], "range_start": batch["start"], "range_end": batch["end"],
-                     "rows": batch["rows"], "seconds": round(time.time() - started, 3),
+            event = {"number": cp["batches_completed"], "range_start": batch.start, "range_end": batch.end,
+                     "rows": batch.rows, "seconds": round(time.time() - started, 3),
                      "batch_size": cp["current_batch_size"], "rows_processed": cp["rows_processed"]}
-            pm.hook.backfill_batch_completed(backfill=view, batch=event)
+            pm.hook.backfill_batch_completed(backfill=run.view, batch=event)
             self._publish(row)
             if on_batch:
-                on_batch(self.summary(row, spec), event)
+                on_batch(self.summary(row, run.spec), event)
 
     def _should_stop(self, row: Row, since: int, max_batches, done: int) -> str | None:
         if self._stop.is_set():
@@ -361,93 +368,20 @@ class ClickHouseBackfillManager:
             return "max batches"
         return None
 
-    def _execute(self, spec: BackfillSpec, keys: KeySpace, template: str, row: Row, view: BackfillView) -> None:
-        """Run the in-flight batch: halve on OOM, back off and retry other errors, fail when out of tries."""
-        cp, meta, attempt = row.checkpoint, spec.meta, 0
-        skips_existing = "retry_count" in placeholders(template)
-        while True:
-            batch = cp["in_flight"]
-            # > 0 whenever an earlier attempt may have committed part of this range
-            retry = attempt or int(batch["replay"] or _before(cp.get("replay_until"), batch["end"]))
-            sql, params = self._render(template, spec, keys, row, view, retry)
-            settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"],
-                        **_dedup_settings(row.backfill_id, batch, retry, skips_existing)}
-            try:
-                self.ch_client.command(sql, parameters=params or None, settings=settings)
-                return
-            except Exception as exc:
-                cp["replay_until"] = _later(cp.get("replay_until"), batch["end"])  # may have committed blocks
-                if error_code(exc) == OOM:
-                    smaller = cp["current_batch_size"] // 2
-                    if smaller < meta["min_batch_size"]:
-                        raise BackfillError(f"out of memory at batch size {cp['current_batch_size']}; halving would "
-                                            f"go below min_batch_size {meta['min_batch_size']}: {one_line(exc)}") from exc
-                    log.warning("memory limit at batch size %s; halving to %s", cp["current_batch_size"], smaller)
-                    cp["current_batch_size"] = smaller
-                    end, rows = keys.next_batch(self.ch_client, batch["start"], smaller)
-                    cp["in_flight"] = {**batch, "end": end, "rows": rows, "batch_size": smaller, "replay": True}
-                    self._save(row)
-                    continue
-                if attempt >= meta["max_retries"]:
-                    raise BackfillError(f"batch after {batch['start'] or 'the start'} failed {attempt + 1} times: "
-                                        f"{one_line(exc)}") from exc
-                log.warning("batch failed (%s); retry %s of %s", one_line(exc), attempt + 1, meta["max_retries"])
-                self.sleep(min(2 ** attempt, 60))
-                attempt += 1
-
-    def _render(self, template, spec, keys: KeySpace, row: Row, view, retry_count: int, batch=None) -> tuple[str, dict]:
-        cp = row.checkpoint
-        batch = batch or cp["in_flight"]
-        values = {k: v for k, v in cp.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
-        values.update(cp.get("params") or {})
-        for extra in pm.hook.backfill_placeholders(backfill=view, checkpoint=cp):
-            values.update(extra or {})
-        values.update({"db": row.db_name, "batch_size": batch["batch_size"], "retry_count": retry_count,
-                       "batch_range": Raw(keys.range_predicate(batch["start"], batch["end"]))})
-        for i, col in enumerate(keys.columns):
-            values[f"checkpoint_{col}"] = batch["start"][i] if batch["start"] else keys.default(col)
-            values[f"batch_end_{col}"] = batch["end"][i]
-        return render(template, values, spec.sql_path)
-
-    def _dry_run(self, spec, keys: KeySpace, template: str, row: Row, params, batch_size) -> dict:
+    def _dry_run(self, run: Run, params, batch_size) -> dict:
+        row, spec, keys = run.row, run.spec, run.keys
         cp = row.checkpoint = dict(row.checkpoint)  # a private copy: nothing here is saved
         cp["params"] = self._params(spec, row.db_name, params, cp.get("params"), cp.get("previous_params"))
         size = int(batch_size or cp["current_batch_size"])
-        batch = cp.get("in_flight")
+        batch = run.in_flight
         if batch is None:
             found = keys.next_batch(self.ch_client, cp.get("position"), size)
-            batch = found and {"start": cp.get("position"), "end": found[0], "rows": found[1], "batch_size": size}
+            batch = found and Batch(cp.get("position"), found[0], found[1], size)
         out = {**self.summary(row, spec), "rows_remaining": keys.remaining(self.ch_client, cp.get("position")),
-               "first_batch": batch or None, "sql": None, "sql_parameters": None}
+               "first_batch": batch.to_json() if batch else None, "sql": None, "sql_parameters": None}
         if batch:
-            view = BackfillView(row.backfill_id, spec.version, row.db_name, spec.meta)
-            out["sql"], out["sql_parameters"] = self._render(template, spec, keys, row, view, 0, batch=batch)
+            out["sql"], out["sql_parameters"] = run.render(batch, 0)
         return out
-
-
-def _dedup_settings(bid: str, batch: dict, retry_count: int, sql_skips_existing: bool) -> dict:
-    """How a batch INSERT stays exactly-once on a replay.
-
-    SQL that reads `{retry_count}` skips keys already in the target on a retry, so a retry must not
-    reuse the token: its first block would carry the token of a block committed earlier and be
-    dropped. Other SQL relies on the token alone, so its batch is squashed into one block that a
-    replay either duplicates whole (and is dropped) or not at all.
-    """
-    if sql_skips_existing and retry_count > 0:
-        return {"insert_deduplicate": 0}
-    token = hashlib.sha256(json.dumps([bid, batch["start"], batch["end"]], default=str).encode()).hexdigest()[:32]
-    out = {"insert_deduplicate": 1, "insert_deduplication_token": f"backfill-{token}"}
-    if not sql_skips_existing:
-        out.update(min_insert_block_size_rows=ONE_BLOCK, min_insert_block_size_bytes=ONE_BLOCK, max_insert_threads=1)
-    return out
-
-
-def _before(limit, end) -> bool:
-    return limit is not None and list(end) <= list(limit)
-
-
-def _later(a, b):
-    return b if a is None or list(b) > list(a) else a
 
 
 def _plain(value):

@@ -1,0 +1,71 @@
+"""Checks before the first batch of a run: what a server or cluster would otherwise get wrong silently.
+
+- a multi-shard cluster holds a different part of the source on each shard: refused, never walked on one;
+- the HTTP receive timeout must outlast the batch's own timeout, or the client gives up on a batch
+  that the server keeps running;
+- SQL that relies on the dedup token alone needs a target whose dedup window covers a replay.
+"""
+from __future__ import annotations
+
+import logging
+
+from migrator import tracking
+
+from . import dedup
+from .errors import BackfillError
+from .lease import lease_seconds
+
+log = logging.getLogger("backfill")
+TIMEOUT_MARGIN = 60.0  # seconds the client waits beyond the server's max_execution_time
+
+
+def check(run, cluster: str | None) -> None:
+    """Fill in the run's settings and refuse what would break exactly-once; one line per refusal."""
+    meta = run.spec.meta
+    if cluster:
+        check_single_shard(run.client, cluster)
+    check_receive_timeout(run.client, meta["timeout_seconds"])
+    run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
+    run.known_settings = dedup.known_settings(run.client)
+    sql, _ = run.render(run.in_flight or _preview(run), 0)
+    run.target = dedup.target_table(sql, run.row.db_name)
+    if run.skips_existing:
+        return
+    if run.target is None:
+        log.warning("%s: cannot tell which table the SQL inserts into; its dedup window is not checked",
+                    run.spec.sql_path)
+        return
+    run.window = dedup.window(run.client, *run.target)
+    dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
+
+
+def _preview(run):
+    from .batch import Batch
+    return Batch(None, [run.keys.default(c) for c in run.keys.columns], 1, 1)
+
+
+def check_single_shard(client, cluster: str) -> None:
+    """A backfill walks the source it can see: on a multi-shard cluster that is one shard's data only."""
+    rows = client.query("SELECT shard_num, groupArray(host_name) FROM system.clusters WHERE cluster = {c:String} "
+                        "GROUP BY shard_num ORDER BY shard_num", parameters={"c": cluster}).result_rows
+    if not rows:
+        raise BackfillError(f"--cluster {cluster}: no such cluster in system.clusters")
+    if len(rows) > 1:
+        shards = "; ".join(f"shard {num}: {', '.join(hosts)}" for num, hosts in rows)
+        raise BackfillError(f"--cluster {cluster} has {len(rows)} shards ({shards}); a backfill would copy only the "
+                            f"shard behind --url. Run it against each shard's own URL without --cluster")
+
+
+def receive_timeout(client) -> float | None:
+    """The HTTP client's read timeout in seconds (None for the embedded engine, which has none)."""
+    timeout = getattr(getattr(client, "_backend", None), "timeout", None)
+    value = getattr(timeout, "read_timeout", None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def check_receive_timeout(client, batch_timeout: float) -> None:
+    read = receive_timeout(client)
+    if read is not None and read < batch_timeout + TIMEOUT_MARGIN:
+        raise BackfillError(f"the HTTP receive timeout ({read:.0f}s) is shorter than the batch's timeout_seconds "
+                            f"({batch_timeout:g}s) plus {TIMEOUT_MARGIN:.0f}s: the client would give up on a batch the "
+                            f"server keeps running. Raise MIGRATE_RECEIVE_TIMEOUT or lower timeout_seconds in the meta")

@@ -1,0 +1,101 @@
+"""One run of one backfill: its spec, key space, SQL template and state row, and how a batch renders."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from migrator.plugins import pm
+
+from . import dedup
+from .batch import Batch
+from .checkpoint import Row
+from .keys import KeySpace
+from .meta import BackfillSpec
+from .render import Raw, placeholders, render
+
+
+@dataclass
+class BackfillView:
+    """What hooks see of a backfill: enough to label metrics or compute placeholders."""
+
+    backfill_id: str
+    version: int
+    database: str
+    metadata: dict
+
+
+@dataclass
+class Run:
+    """Everything a batch needs, built once per `run_backfill` instead of passed around piecemeal."""
+
+    client: object
+    spec: BackfillSpec
+    keys: KeySpace
+    template: str
+    row: Row
+    read_settings: dict = field(default_factory=dict)
+    write_settings: dict = field(default_factory=dict)
+    known_settings: set = field(default_factory=set)
+    target: tuple | None = None  # (database, table) the SQL inserts into, when it can be read
+    window: dict | None = None  # the target's dedup window (token-only SQL)
+
+    @property
+    def backfill_id(self) -> str:
+        return self.row.backfill_id
+
+    @property
+    def checkpoint(self) -> dict:
+        return self.row.checkpoint
+
+    @property
+    def view(self) -> BackfillView:
+        return BackfillView(self.row.backfill_id, self.spec.version, self.row.db_name, self.spec.meta)
+
+    @property
+    def skips_existing(self) -> bool:
+        """SQL that reads `{retry_count}` anti-joins the target on retries instead of trusting the token."""
+        return "retry_count" in placeholders(self.template)
+
+    @property
+    def in_flight(self) -> Batch | None:
+        data = self.checkpoint.get("in_flight")
+        return Batch.from_json(data) if data else None
+
+    @in_flight.setter
+    def in_flight(self, batch: Batch | None) -> None:
+        self.checkpoint["in_flight"] = batch.to_json() if batch else None
+
+    def render(self, batch: Batch, retry_count: int) -> tuple[str, dict]:
+        """The SQL and server-side parameters of exactly this batch's range."""
+        cp, keys = self.checkpoint, self.keys
+        values = {k: v for k, v in cp.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+        values.update(cp.get("params") or {})
+        for extra in pm.hook.backfill_placeholders(backfill=self.view, checkpoint=cp):
+            values.update(extra or {})
+        values.update({"db": self.row.db_name, "batch_size": batch.batch_size, "retry_count": retry_count,
+                       "batch_range": Raw(keys.range_predicate(batch.start, batch.end))})
+        for i, col in enumerate(keys.columns):
+            values[f"checkpoint_{col}"] = batch.start[i] if batch.start else keys.default(col)
+            values[f"batch_end_{col}"] = batch.end[i]
+        return render(self.template, values, self.spec.sql_path)
+
+    # -- what an earlier, failed attempt may have left ------------------------------------
+    def mark_may_have_committed(self, batch: Batch) -> None:
+        """A failed INSERT ... SELECT may have committed blocks up to its end: later ranges up to there replay."""
+        limit = self.checkpoint.get("replay_until")
+        if limit is None or not self.keys.at_or_before(self.client, batch.end, limit):
+            self.checkpoint["replay_until"] = batch.end
+
+    def replays(self, batch: Batch) -> bool:
+        """True while the batch lies inside a range that an earlier attempt may have partly committed."""
+        limit = self.checkpoint.get("replay_until")
+        if limit is None:
+            return False
+        if self.keys.at_or_before(self.client, batch.end, limit):
+            return True
+        self.checkpoint.pop("replay_until")  # the walk is past it: later batches are first attempts again
+        return False
+
+    def check_replay(self, batch: Batch) -> None:
+        """Token-only SQL: refuse a replay the target's dedup window no longer covers."""
+        if not self.skips_existing and self.target and self.window:
+            dedup.check_replay_age(self.target, self.window, batch.first_attempt_at)
