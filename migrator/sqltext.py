@@ -45,7 +45,10 @@ def split_statements(sql: str) -> list[str]:
     return out
 
 
-_SPACE = frozenset(" \t\n\r\f\v")
+# ASCII whitespace plus the Unicode spaces ClickHouse skips (skipWhitespacesUTF8): U+0085 U+00A0 U+180E
+# U+2000..200D U+2028 U+2029 U+202F U+205F U+2060 U+3000 U+FEFF
+_SPACE = frozenset(" \t\n\r\f\v\x85\xa0\u180e\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
+                   + "".join(map(chr, range(0x2000, 0x200E))))
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _DIGITS = frozenset("0123456789")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -63,16 +66,18 @@ def _lex(sql: str):
     while i < n:
         ch, start = sql[i], i
         nxt = sql[i + 1] if i + 1 < n else ""
-        if ch in _SPACE or (ch > "\x7f" and ch.isspace()):
-            while i < n and (sql[i] in _SPACE or (sql[i] > "\x7f" and sql[i].isspace())):
+        if ch in _SPACE:
+            while i < n and sql[i] in _SPACE:
                 i += 1
             yield "space", start, i
             continue
         if ch in "-/" and nxt == ch or ch == "#" and nxt in (" ", "!"):  # --, //, "# ", "#!"
             j = sql.find("\n", i)
             kind, i = "comment", n if j < 0 else j
-        elif ch == "/" and nxt == "*":
-            kind, i = "comment", _block_comment_end(sql, i + 2)
+        elif ch == "/" and nxt == "*":  # left open it is an error token: the engine reports it, so keep it
+            i = _block_comment_end(sql, i + 2)
+            kind = "comment" if i > 0 else "other"
+            i = i if i > 0 else n
         elif ch in "'\"`":
             kind, i = ("string" if ch == "'" else "quoted"), _quoted_end(sql, i, ch)
         elif ch in "\u2018\u201c" and len(sql[i + 1:i + 4].encode()) >= 3:  # ‘string’, “name”
@@ -126,7 +131,7 @@ def _quoted_end(sql: str, i: int, quote: str) -> int:
 
 
 def _block_comment_end(sql: str, i: int) -> int:
-    """End of a /* */ comment that started just before i; they nest, as in the SQL standard."""
+    """End of a /* */ comment that started just before i (they nest, as in the SQL standard); 0 if open."""
     depth, n = 1, len(sql)
     while i + 1 < n:
         two = sql[i:i + 2]
@@ -138,7 +143,7 @@ def _block_comment_end(sql: str, i: int) -> int:
                 return i
         else:
             i += 1
-    return n
+    return 0
 
 
 def _heredoc_end(sql: str, i: int) -> int:

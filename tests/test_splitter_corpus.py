@@ -267,6 +267,22 @@ def test_repo_migrations_split_as_clickhouse_does(ch_client):
     assert counts["021_calls_complete.backfill.sql"] == 1 and counts["001_trace_schema.up.sql"] >= 3, counts
 
 
+FUZZ_ALPHABET = [*";;;''\"`$$##--//**..e1_x0b \n\t\\!\u2018\u2019\u201c\u201dGpEP+aX9\u00a0\u2003\u1680\ufeff",
+                 "$t$", "/*", "*/", "# ", "#!", "0x", "0b1", "1e-", ".5", "1_0", "x'", "->", "SELECT ", "\\G"]
+
+
+def test_random_text_is_cut_where_the_engine_lexer_cuts_it(ch_client):
+    """Mostly invalid SQL from the characters that matter (quotes, `$`, `#`, `-`, `/`, `*`, numbers, dots,
+    Unicode quotes and spaces): only the cut points are compared, against `tokenizeQuery`."""
+    rng = random.Random(2024)
+    texts = ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    expected = engine_statements(ch_client, texts)
+    problems = [f"{text!r}\n    splitter {split_statements(text)!r}\n    engine   {want!r}"
+                for text, want in zip(texts, expected) if split_statements(text) != want]
+    assert sum(len(w) > 1 for w in expected) > 400  # many texts really hold several statements
+    assert not problems, report(problems)
+
+
 def test_stray_hash_never_hides_a_semicolon():
     assert split_statements("SELECT 1 #x; SELECT 2") == ["SELECT 1 #x", "SELECT 2"]
     assert split_statements("SELECT 1 #\tx; SELECT 2") == ["SELECT 1 #\tx", "SELECT 2"]
