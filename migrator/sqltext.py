@@ -22,8 +22,8 @@ def split_statements(sql: str) -> list[str]:
     """Split where ClickHouse's own lexer sees a `;`, so a file runs as the statements the engine would see.
 
     Pieces that hold only whitespace and comments are dropped; each piece keeps its comments and is
-    stripped of surrounding whitespace. A string, quoted name, heredoc or comment left open runs to
-    the end of the text, as in ClickHouse, so nothing after it is split.
+    stripped of surrounding whitespace. A string, quoted name or block comment left open runs to the
+    end of the text, as in ClickHouse, so nothing after it is split.
     """
     out: list[str] = []
     first = last = -1  # extent of the current statement's non-whitespace tokens
@@ -74,10 +74,9 @@ def _lex(sql: str):
         if ch in "-/" and nxt == ch or ch == "#" and nxt in (" ", "!"):  # --, //, "# ", "#!"
             j = sql.find("\n", i)
             kind, i = "comment", n if j < 0 else j
-        elif ch == "/" and nxt == "*":  # left open it is an error token: the engine reports it, so keep it
-            i = _block_comment_end(sql, i + 2)
-            kind = "comment" if i > 0 else "other"
-            i = i if i > 0 else n
+        elif ch == "/" and nxt == "*":  # left open it is an error token, kept so that the engine reports it
+            close = _block_comment_end(sql, i + 2)
+            kind, i = ("comment", close) if close else ("other", n)
         elif ch in "'\"`":
             kind, i = ("string" if ch == "'" else "quoted"), _quoted_end(sql, i, ch)
         elif ch in "\u2018\u201c" and len(sql[i + 1:i + 4].encode()) >= 3:  # ‘string’, “name”
@@ -86,7 +85,7 @@ def _lex(sql: str):
         elif ch in _DIGITS:
             kind, i = _number(sql, i, after_dot=prev == "dot")
         elif ch == ".":
-            if i > 0 and (nxt not in _DIGITS or not nxt or prev in _DOT_AFTER):
+            if i > 0 and (nxt not in _DIGITS or prev in _DOT_AFTER):
                 kind, i = "dot", i + 1
             else:
                 kind, i = "number", _exponent(sql, _digits(sql, i + 1, False), False)
@@ -94,7 +93,7 @@ def _lex(sql: str):
             kind, i = "other", i + 2
         elif ch == "$" and (end := _heredoc_end(sql, i)):
             kind, i = "string", end
-        elif ch == "$" and (not nxt or nxt not in _WORD):
+        elif ch == "$" and nxt not in _WORD:  # a lone `$`
             kind, i = "other", i + 1
         elif ch in "xXbB" and nxt == "'" and i + 2 < n:  # x'4142', b'0101': no escapes; unclosed eats the rest
             digits = _HEX if ch in "xX" else frozenset("01")
@@ -188,8 +187,8 @@ def _number(sql: str, i: int, after_dot: bool) -> tuple[str, int]:
         hex_ = False
         if i + 2 < n and sql[i] == "0" and sql[i + 1] in "xXbB":
             hex_ = sql[i + 1] in "xX" and sql[i + 2] in _HEX
-            i += 2 if hex_ or sql[i + 1] in "bB" and sql[i + 2] in "01" else 1
-            i = _digits(sql, i, hex_, block_start=i - start == 2)
+            prefix = hex_ or (sql[i + 1] in "bB" and sql[i + 2] in "01")  # 0x1F, 0b101; else `0` then a word
+            i = _digits(sql, i + 2 if prefix else i + 1, hex_, block_start=prefix)
         else:
             i = _digits(sql, i + 1, False, block_start=False)
         if i < n and sql[i] == ".":
@@ -198,7 +197,7 @@ def _number(sql: str, i: int, after_dot: bool) -> tuple[str, int]:
     if i < n and sql[i] in _WORD:
         while i < n and sql[i] in _WORD:
             i += 1
-        return ("word" if all(c in _WORD or c == "$" for c in sql[start:i]) else "other"), i
+        return ("word" if all(c in _WORD for c in sql[start:i]) else "other"), i  # `1e5x` is an error
     return "number", i
 
 
