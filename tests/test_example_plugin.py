@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import MIGRATE, REPO
 
+from migrator.errors import MigrateError
+
 EXAMPLE = REPO / "examples" / "migrator-tenant-plugin"
 HOSTILE = "O'Brien \\ Co'); DROP TABLE {db}.events; --\\"  # quote, backslash, a trailing backslash
 HOSTILE_SQL = r"'O\'Brien \\ Co\'); DROP TABLE {db}.events; --\\'"  # how render.escape puts it in '...'
@@ -142,3 +144,24 @@ def test_the_tenant_can_come_from_a_file_and_a_bad_source_is_one_line(installed,
     status = migrate(installed, tmp_path, "backfill", "status", "2", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"] == "pending"  # refused before the first write
+
+
+def test_read_tenant_rules(monkeypatch, tmp_path):
+    """The plugin's own rules, in-process (no engine involved): file or variable, never both, never empty."""
+    spec = importlib.util.spec_from_file_location("migrator_tenant_under_test", EXAMPLE / "migrator_tenant.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    for name in ("MIGRATE_TENANT", "MIGRATE_TENANT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert plugin.backfill_placeholders(backfill=None, checkpoint={}) is None
+    tenant_file = tmp_path / "tenant"
+    tenant_file.write_text("acme\r\n")
+    monkeypatch.setenv("MIGRATE_TENANT_FILE", str(tenant_file))
+    assert plugin.backfill_placeholders(backfill=None, checkpoint={}) == {"tenant": "acme"}
+    monkeypatch.setenv("MIGRATE_TENANT", "other")
+    with pytest.raises(MigrateError, match="both MIGRATE_TENANT and MIGRATE_TENANT_FILE are set"):
+        plugin.read_tenant()
+    monkeypatch.delenv("MIGRATE_TENANT")
+    tenant_file.write_text("\n")
+    with pytest.raises(MigrateError, match=f"MIGRATE_TENANT_FILE={tenant_file}: the file is empty"):
+        plugin.read_tenant()
