@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from migrator.sqltext import on_cluster
-from migrator.tracking import insert_row, next_version
+from migrator.tracking import LATEST_READ, insert_row, next_version
 
 from .errors import BackfillError
 from .render import RAW_BYTE
@@ -85,18 +85,36 @@ def _check_shape(cp: dict) -> None:
 
 
 class CheckpointStore:
-    """Load and save backfill rows; corrupt state is an error, never a silent restart from zero."""
+    """Load and save backfill rows; corrupt state is an error, never a silent restart from zero.
+
+    Reads see the newest rows on replicated or load-balanced servers (a lease claim or a checkpoint
+    read from a lagging replica would decide wrong). The table is created only by commands that
+    write (`ensure_schema`): `status`, `list` and `pause` send no DDL.
+    """
 
     def __init__(self, client, cluster: str | None = None):
-        self.client = client
-        for stmt in SCHEMA:
-            client.command(on_cluster(stmt, cluster) if cluster else stmt)
+        self.client, self.cluster = client, cluster
+        self._exists = False
+
+    def exists(self) -> bool:
+        if not self._exists:
+            self._exists = bool(self.client.command(f"EXISTS TABLE {TABLE}"))
+        return self._exists
+
+    def ensure_schema(self) -> None:
+        """Create the tracking table (ON CLUSTER under --cluster) if it is missing; nothing otherwise."""
+        if not self.exists():
+            for stmt in SCHEMA:
+                self.client.command(on_cluster(stmt, self.cluster) if self.cluster else stmt)
+            self._exists = True
 
     def _select(self, where: str, params: dict, per_id: bool = False) -> list[tuple]:
+        if not self.exists():
+            return []
         cols = ", ".join(COLUMNS)
         limit = "LIMIT 1 BY backfill_id" if per_id else ""
         return self.client.query(f"SELECT {cols} FROM {TABLE} WHERE {where} ORDER BY version DESC, writer DESC {limit}",
-                                 parameters=params).result_rows
+                                 parameters=params, settings=LATEST_READ).result_rows
 
     def _row(self, values: tuple) -> Row:
         data = dict(zip(COLUMNS, values))
@@ -146,5 +164,5 @@ class CheckpointStore:
         paused, running = self.client.query(
             f"SELECT countIf(status = 'paused'), countIf(status = 'running') FROM {TABLE} "
             f"WHERE backfill_id = {{b:String}} AND version > {{v:UInt64}} AND writer != {{w:String}}",
-            parameters={"b": bid, "v": since_version, "w": me}).result_rows[0]
+            parameters={"b": bid, "v": since_version, "w": me}, settings=LATEST_READ).result_rows[0]
         return int(paused), int(running)

@@ -149,6 +149,7 @@ class ClickHouseBackfillManager:
     def register_pending_backfills(self, db_name: str, migration_versions: list[int]) -> list[str]:
         """Insert a pending row for each version that ships a backfill; run `run_on_startup` ones inline."""
         specs, lines = self._discover_backfill_files(), []
+        self.store.ensure_schema()
         for version in migration_versions:
             spec = specs.get(version)
             if spec is None:
@@ -181,6 +182,7 @@ class ClickHouseBackfillManager:
             raise BackfillError(f"backfill {bid} is running ({row.checkpoint['lease']['owner']}); pause it "
                                 f"and wait for it to stop first")
         self.attempts.kill_earlier(bid)  # an orphaned attempt must not write into the restarted backfill
+        self.store.ensure_schema()
         cp = self._new_checkpoint(spec)
         if keep_params and row is not None:
             cp["previous_params"] = row.checkpoint.get("params") or row.checkpoint.get("previous_params")
@@ -272,6 +274,7 @@ class ClickHouseBackfillManager:
         preview = Batch(None, [run.keys.default(c) for c in run.keys.columns], 1, 1)
         run.render(preview, 0)  # unknown placeholders fail before any write
         preflight.check(run, self.cluster)
+        self.store.ensure_schema()
         if batch_size:
             cp["current_batch_size"] = int(batch_size)
         if self.control is not None:

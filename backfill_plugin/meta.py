@@ -99,7 +99,7 @@ FIELDS = {
     "timeout_seconds": (False, 3600, _number_pos),
     "run_on_startup": (False, False, _bool),
     "max_retries": (False, 3, _int(0)),
-    "min_batch_size": (False, 1000, _int(1)),
+    "min_batch_size": (False, None, _int(1)),  # default: min(1000, batch_size), set below
     "settings": (False, {}, _settings),
     "params": (False, {}, _params),
 }
@@ -165,6 +165,8 @@ def load_spec(migration: Migration) -> BackfillSpec:
     if meta["migration_version"] != migration.version:
         raise BackfillError(f"{path}: field 'migration_version' is {meta['migration_version']} "
                             f"but the file name says {migration.version}")
+    if meta["min_batch_size"] is None:  # a default never makes a valid file invalid
+        meta["min_batch_size"] = min(1000, meta["batch_size"])
     if meta["min_batch_size"] > meta["batch_size"]:
         raise BackfillError(f"{path}: field 'min_batch_size' ({meta['min_batch_size']}) "
                             f"is larger than 'batch_size' ({meta['batch_size']})")

@@ -29,7 +29,8 @@ def escape(value) -> str:
         return ""
     if not isinstance(value, str):
         raise BackfillError(f"placeholder value {value!r} is neither text nor a number")
-    text = value.replace("\\", "\\\\").replace("'", "\\'")
+    # Newlines too: a value is also safe where a template put it in a `--` comment.
+    text = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
     return RAW_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02X}", text)
 
 
