@@ -1,7 +1,7 @@
 """Backfill failures the operator can act on (one line each, like every migrate error)."""
 import re
 
-from migrator.errors import MigrateError
+from migrator.errors import MigrateError, one_line  # noqa: F401 - one_line is re-exported
 
 
 class BackfillError(MigrateError):
@@ -19,9 +19,3 @@ def error_code(exc: Exception) -> int | None:
         return code
     match = re.search(r"Code: (\d+)", str(exc))
     return int(match.group(1)) if match else None
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an error, for error_log and the operator's one-line message."""
-    text = str(exc).strip().splitlines()
-    return text[0][:500] if text else type(exc).__name__

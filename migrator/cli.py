@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from . import connection
-from .discovery import next_version
-from .errors import MigrateError
+from .discovery import next_migration_number
+from .errors import MigrateError, one_line
 from .plugins import describe, load_plugins, pm
 from .runner import Context, Migrator
 from .sqltext import check_identifier
@@ -121,13 +121,22 @@ def force(app: App, version):
 
 
 @cli.command()
+@pass_app
+def adopt(app: App):
+    """Take over the tracking state another migrator wrote in db_management (idempotent)."""
+    from .adopt import adopt as run_adopt
+    for line in run_adopt(app.client, app.cluster):
+        click.echo(line)
+
+
+@cli.command()
 @click.argument("name")
 @click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql and .backfill.meta")
 @pass_app
 def new(app: App, name, backfill):
     """Scaffold NNN_NAME files with the next version."""
     from .scaffold import scaffold
-    for path in scaffold(app.migrations_dir, next_version(app.migrations_dir), name, backfill):
+    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill):
         click.echo(f"created {path}")
 
 
@@ -165,8 +174,8 @@ def run(group: click.Group, argv=None) -> None:
     except Exception as exc:  # an unexpected failure still gets one line unless --debug
         if debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"error: {type(exc).__name__}: {connection.redact(first)} (rerun with --debug for details)", err=True)
+        click.echo(f"error: {type(exc).__name__}: {connection.redact(one_line(exc))} (rerun with --debug for details)",
+                   err=True)
         sys.exit(1)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import clickhouse_connect
 
-from .errors import MigrateError
+from .errors import MigrateError, one_line
 
 DEFAULT_STORE = ".chdb"
 
@@ -151,4 +151,4 @@ def connect(target: Target, argv: list[str] | None = None):
             autogenerate_session_id=False,  # no session: threads (heartbeat, batch) may share the client
         )
     except Exception as exc:
-        raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(str(exc)).splitlines()[0]}") from None
+        raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(one_line(exc))}") from None

@@ -62,7 +62,7 @@ def _check_complete(mig: Migration, root: Path) -> None:
     stem = root / mig.files[0].name.split(".")[0]
     pairs = [("up", "down", ".up.sql", ".down.sql"),
              ("backfill_sql", "backfill_meta", ".backfill.sql", ".backfill.meta")]
-    for have, need, have_ext, need_ext in pairs + [(b, a, be, ae) for a, b, ae, be in pairs]:
+    for have, need, _have_ext, need_ext in pairs + [(b, a, be, ae) for a, b, ae, be in pairs]:
         if getattr(mig, have) is not None and getattr(mig, need) is None:
             raise MigrateError(f"{getattr(mig, have)}: missing its pair {stem}{need_ext}")
     if mig.up is None:
@@ -81,7 +81,7 @@ def read_text(path: Path) -> str:
         raise MigrateError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def next_version(directory: str | Path) -> int:
+def next_migration_number(directory: str | Path) -> int:
     """The version `migrate new` gives: one past the highest present."""
     found = discover(directory) if Path(directory).is_dir() else {}
     return (max(found) if found else 0) + 1

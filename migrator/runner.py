@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import cluster as clustering
 from . import tracking
 from .discovery import Migration, discover, read_text
-from .errors import MigrateError
+from .errors import MigrateError, one_line
 from .plugins import load_plugins, pm
 from .sqltext import check_identifier, on_cluster, split_statements, substitute_db
 
@@ -25,6 +26,28 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Direction:
+    """What differs between `up` and `down`; the apply loop itself is shared (golang-migrate's runMigrations)."""
+
+    name: str  # "up" / "down": which file of a migration runs
+    verb: str  # echoed per version
+    marker: Callable[[tracking.State, Migration], tracking.State]  # written before the first statement
+    done: Callable[[Migration, dict], tracking.State]  # written after the last one
+    pending: Callable[[Migration, tracking.State], bool]  # still to do, given the state re-read under the lock
+
+
+UP = Direction("up", "applied",
+               marker=lambda st, mig: tracking.State(st.curr_version, mig.version),
+               done=lambda mig, _migrations: tracking.State(mig.version, None),
+               pending=lambda mig, st: mig.version > st.curr_version)
+DOWN = Direction("down", "rolled back",
+                 marker=lambda st, mig: tracking.State(mig.version, mig.version),
+                 done=lambda mig, migrations: tracking.State(
+                     max([v for v in migrations if v < mig.version], default=0), None),
+                 pending=lambda mig, st: mig.version <= st.curr_version)
+
+
 class Migrator:
     """`up`, `down`, `force` and `status` for one database."""
 
@@ -33,12 +56,10 @@ class Migrator:
         load_plugins()  # library use gets the same plugins as the CLI
         check_identifier(ctx.database)
         self.migrations = discover(ctx.migrations_dir)
+        self._replicated: frozenset[str] | None = None
 
-    # -- reading -------------------------------------------------------------------------
+    # -- reading (no DDL, not even the tracking tables) ---------------------------------------
     def state(self) -> tracking.State:
-        if self.ctx.dry_run and not int(self.ctx.client.command("EXISTS TABLE db_management.migrations")):
-            return tracking.State()  # --dry-run changes nothing, not even the tracking tables
-        tracking.ensure_schema(self.ctx.client, self.ctx.cluster)
         return tracking.read_state(self.ctx.client, self.ctx.database)
 
     def status(self) -> dict:
@@ -52,10 +73,19 @@ class Migrator:
             "available_versions": list(self.migrations),
         }
 
+    def replicated_databases(self) -> frozenset[str]:
+        """Databases whose engine is Replicated (only asked under --cluster): their DDL gets no ON CLUSTER."""
+        if self._replicated is None:
+            self._replicated = clustering.replicated_databases(self.ctx.client) if self.ctx.cluster else frozenset()
+        return self._replicated
+
     def statements(self, path: Path) -> list[str]:
         """The exact statements `up`/`down` send for a file (what --dry-run prints)."""
         stmts = split_statements(substitute_db(read_text(path), self.ctx.database))
-        return [on_cluster(s, self.ctx.cluster) for s in stmts] if self.ctx.cluster else stmts
+        if not self.ctx.cluster:
+            return stmts
+        replicated = self.replicated_databases()
+        return [on_cluster(s, self.ctx.cluster, replicated, self.ctx.database) for s in stmts]
 
     # -- writing -------------------------------------------------------------------------
     def _refuse_dirty(self, st: tracking.State) -> None:
@@ -73,17 +103,24 @@ class Migrator:
         try:
             for stmt in self.statements(path):
                 try:
-                    client.command(stmt)
+                    clustering.run_ddl(client, stmt)
                 except Exception as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise MigrateError(f"{path.name}: version {mig.version} failed: {first}") from exc
+                    raise MigrateError(f"{path.name}: version {mig.version} failed: {one_line(exc)}") from exc
                 lock.renew()
         finally:
             client.database = previous_db
 
-    def _ensure_database(self) -> None:
-        stmt = f"CREATE DATABASE IF NOT EXISTS {self.ctx.database}"
-        self.ctx.client.command(on_cluster(stmt, self.ctx.cluster) if self.ctx.cluster else stmt)
+    def _prepare(self, paths: list[Path]) -> None:
+        """Before the lock and the first statement: cluster macros checked, tracking tables and the target
+        database created if (and only if) they are missing."""
+        if self.ctx.cluster:
+            tracked = [on_cluster(s, self.ctx.cluster, self.replicated_databases())
+                       for s in tracking.missing_statements(self.ctx.client)]
+            clustering.check_macros(self.ctx.client, tracked + [s for p in paths for s in self.statements(p)])
+        tracking.ensure_schema(self.ctx.client, self.ctx.cluster)
+        if paths:
+            tracking.ensure_schema(self.ctx.client, self.ctx.cluster,
+                                   schema=[f"CREATE DATABASE IF NOT EXISTS {self.ctx.database}"])
 
     def _print_sql(self, paths: list[Path]) -> list[int]:
         """--dry-run: the exact statements, nothing executed."""
@@ -93,65 +130,64 @@ class Migrator:
                 self.ctx.echo(stmt + ";")
         return []
 
+    def _migrate(self, direction: Direction, todo: list[Migration]) -> list[int]:
+        """The one apply loop: lock, re-read, refuse dirty, then per version marker, statements, done, hooks."""
+        paths = [getattr(mig, direction.name) for mig in todo]
+        if self.ctx.dry_run:
+            return self._print_sql(paths)
+        if not todo:
+            return []
+        self._prepare(paths)
+        done = []
+        with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
+            st = self.state()  # re-read under the lock: another runner may have moved on
+            self._refuse_dirty(st)
+            for mig in [m for m in todo if direction.pending(m, st)]:
+                tracking.write_state(self.ctx.client, self.ctx.database, direction.marker(st, mig))
+                self._execute(mig, getattr(mig, direction.name), lock)
+                st = direction.done(mig, self.migrations)
+                tracking.write_state(self.ctx.client, self.ctx.database, st)
+                done.append(mig.version)
+                self.ctx.echo(f"{direction.verb} {mig.version} {mig.name}")
+                self._after(direction, mig)
+        return done
+
+    def _after(self, direction: Direction, mig: Migration) -> None:
+        if direction is DOWN:
+            pm.hook.after_migration_rolled_back(context=self.ctx, migration=mig)
+            return
+        pm.hook.after_migration_applied(context=self.ctx, migration=mig)
+        if mig.has_backfill:
+            for line in pm.hook.register_backfill(context=self.ctx, migration=mig):
+                if line:
+                    self.ctx.echo(line)
+
+    def _check_target(self, to: int, verb: str) -> None:
+        if to != 0 and to not in self.migrations:
+            raise MigrateError(f"{verb} {to}: no migration with that version")
+
     def up(self, to: int | None = None) -> list[int]:
         """Apply pending versions in order up to `to`; returns the versions applied."""
         st = self.state()
         self._refuse_dirty(st)
-        if to is not None and to not in self.migrations and to != 0:
-            raise MigrateError(f"--to {to}: no migration with that version")
+        if to is not None:
+            self._check_target(to, "--to")
         todo = [m for v, m in self.migrations.items() if v > st.curr_version and (to is None or v <= to)]
         pm.hook.check_migrations(context=self.ctx, migrations=todo)  # refuse before anything is applied
-        if self.ctx.dry_run:
-            return self._print_sql([mig.up for mig in todo])
-        applied = []
-        with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
-            st = self.state()  # re-read under the lock: another runner may have moved on
-            self._refuse_dirty(st)
-            todo = [m for m in todo if m.version > st.curr_version]
-            if todo:
-                self._ensure_database()
-            for mig in todo:
-                tracking.write_state(self.ctx.client, self.ctx.database, tracking.State(st.curr_version, mig.version))
-                self._execute(mig, mig.up, lock)
-                st = tracking.State(mig.version, None)
-                tracking.write_state(self.ctx.client, self.ctx.database, st)
-                applied.append(mig.version)
-                self.ctx.echo(f"applied {mig.version} {mig.name}")
-                pm.hook.after_migration_applied(context=self.ctx, migration=mig)
-                if mig.has_backfill:
-                    for line in pm.hook.register_backfill(context=self.ctx, migration=mig):
-                        if line:
-                            self.ctx.echo(line)
-        return applied
+        return self._migrate(UP, todo)
 
     def down(self, to: int) -> list[int]:
         """Roll back applied versions above `to`, newest first; returns the versions rolled back."""
         st = self.state()
         self._refuse_dirty(st)
-        if to != 0 and to not in self.migrations:
-            raise MigrateError(f"--to {to}: no migration with that version")
+        self._check_target(to, "--to")
         todo = [m for v, m in sorted(self.migrations.items(), reverse=True) if to < v <= st.curr_version]
-        if self.ctx.dry_run:
-            return self._print_sql([mig.down for mig in todo])
-        done = []
-        with tracking.AdvisoryLock(self.ctx.client, self.ctx.database) as lock:
-            st = self.state()  # re-read under the lock: another runner may have rolled back already
-            self._refuse_dirty(st)
-            todo = [m for m in todo if m.version <= st.curr_version]
-            for mig in todo:
-                below = max([v for v in self.migrations if v < mig.version], default=0)
-                tracking.write_state(self.ctx.client, self.ctx.database, tracking.State(mig.version, mig.version))
-                self._execute(mig, mig.down, lock)
-                tracking.write_state(self.ctx.client, self.ctx.database, tracking.State(below, None))
-                done.append(mig.version)
-                self.ctx.echo(f"rolled back {mig.version} {mig.name}")
-                pm.hook.after_migration_rolled_back(context=self.ctx, migration=mig)
-        return done
+        return self._migrate(DOWN, todo)
 
     def force(self, version: int) -> None:
         """Declare `version` as fully applied and clear the dirty marker (after a manual repair)."""
-        if version != 0 and version not in self.migrations:
-            raise MigrateError(f"force {version}: no migration with that version")
-        tracking.ensure_schema(self.ctx.client, self.ctx.cluster)
+        self._check_target(version, "force")
+        tracking.require_own_schema(self.ctx.client)
+        self._prepare([])
         with tracking.AdvisoryLock(self.ctx.client, self.ctx.database):
             tracking.write_state(self.ctx.client, self.ctx.database, tracking.State(version, None))

@@ -213,11 +213,14 @@ def substitute_db(sql: str, database: str) -> str:
 
 _DDL_RE = re.compile(
     r"^(?P<head>\s*(?:CREATE(?:\s+OR\s+REPLACE)?|DROP|ALTER|RENAME|TRUNCATE|EXCHANGE)\s+"
-    r"(?:TEMPORARY\s+)?(?:TABLE|MATERIALIZED\s+VIEW|VIEW|DATABASE|DICTIONARY|TABLES)\s+"
+    r"(?:TEMPORARY\s+)?(?P<kind>TABLE|MATERIALIZED\s+VIEW|VIEW|DATABASE|DICTIONARY|TABLES)\s+"
     r"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?)(?P<name>(?:`[^`]+`|[\w.]+)(?:\s*\.\s*(?:`[^`]+`|\w+))?)",
     re.IGNORECASE)
-_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(?!Replicated)(?P<kind>\w*)MergeTree\b(?P<args>\s*\((?:[^()]|\([^()]*\))*\))?", re.IGNORECASE)
+# Replicated* and Shared* engines (ClickHouse Cloud's SharedMergeTree) already replicate: never rewrite them.
+_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(?!Replicated|Shared)(?P<kind>\w*)MergeTree\b"
+                        r"(?P<args>\s*\((?:[^()]|\([^()]*\))*\))?", re.IGNORECASE)
 _COMMENT_RE = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?(?:\*/|$)", re.DOTALL)
+_QUALIFIED_RE = re.compile(r"(`[^`]+`|\w+)\s*\.\s*(?:`[^`]+`|\w+)")
 
 
 def _leading_comments(statement: str) -> int:
@@ -228,11 +231,33 @@ def _leading_comments(statement: str) -> int:
     return i
 
 
-def on_cluster(statement: str, cluster: str) -> str:
-    """Add `ON CLUSTER` to a DDL statement and replicate its MergeTree engine, keeping engine args."""
+def _databases_named(body: str, default_database: str | None) -> set[str]:
+    """The databases whose objects a DDL statement changes (unqualified names: the default database)."""
+    if re.match(r"(?:RENAME|EXCHANGE)\b", body, re.IGNORECASE):
+        names = body.split(" ON CLUSTER ")[0]
+        found = {m.group(1).strip("`") for m in _QUALIFIED_RE.finditer(names)}
+        return found or {default_database}
+    m = _DDL_RE.match(body)
+    if not m or m.group("kind").upper() == "DATABASE":  # a database itself is not inside one
+        return set()
+    qualified = _QUALIFIED_RE.fullmatch(m.group("name"))
+    return {qualified.group(1).strip("`")} if qualified else {default_database}
+
+
+def on_cluster(statement: str, cluster: str | None, replicated_databases=frozenset(),
+               default_database: str | None = None) -> str:
+    """Add `ON CLUSTER` to a DDL statement and replicate its MergeTree engine, keeping engine args.
+
+    No cluster: the statement as is. DDL on objects inside a `Replicated` database is left alone too:
+    that database replicates its DDL itself, refuses ON CLUSTER and picks replicated engines itself.
+    """
+    if cluster is None:
+        return statement
     check_identifier(cluster, "cluster")
     start = _leading_comments(statement)
     head, body = statement[:start], statement[start:]
+    if replicated_databases and _databases_named(body, default_database) & set(replicated_databases):
+        return statement
     if re.search(r"\bON\s+CLUSTER\b", body, re.IGNORECASE):
         out = body
     elif re.match(r"(?:RENAME|EXCHANGE)\b", body, re.IGNORECASE):  # ON CLUSTER goes after the name list

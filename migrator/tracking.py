@@ -6,14 +6,22 @@ never leave a half-updated row and the newest version is the truth.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
+from .cluster import replicated_databases, run_ddl
 from .errors import MigrateError
 from .sqltext import on_cluster
+
+# Reads that decide a write must see the newest row even behind a load balancer or on a lagging
+# replica; the row writes they read must be on a quorum of replicas before they count. Sent on every
+# backend: a plain MergeTree accepts both and ignores them.
+LATEST_READ = {"select_sequential_consistency": 1}
+QUORUM_WRITE = {"insert_quorum": "auto", "insert_quorum_parallel": 0}
 
 _clock_lock = threading.Lock()
 _last_version = 0
@@ -27,12 +35,13 @@ def next_version() -> int:
         return _last_version
 
 
-def insert_row(client, table: str, types: dict[str, str], values: dict) -> None:
+def insert_row(client, table: str, types: dict[str, str], values: dict, settings: dict | None = None) -> None:
     """One row as a parameterised INSERT ... SELECT: escaping is the server's, and it is cheaper than
-    a client-side block insert for a single row."""
+    a client-side block insert for a single row. State rows pass QUORUM_WRITE as settings."""
     cols = ", ".join(types)
     select = ", ".join(f"{{{name}:{typ}}}" for name, typ in types.items())
-    client.command(f"INSERT INTO {table} ({cols}) SELECT {select}", parameters={k: values[k] for k in types})
+    client.command(f"INSERT INTO {table} ({cols}) SELECT {select}", parameters={k: values[k] for k in types},
+                   settings=settings)
 
 
 def owner_id() -> str:
@@ -40,16 +49,18 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+MIGRATIONS = "db_management.migrations"
+LOCKS = "db_management.migration_locks"
 SCHEMA = [
     "CREATE DATABASE IF NOT EXISTS db_management",
-    """CREATE TABLE IF NOT EXISTS db_management.migrations (
+    f"""CREATE TABLE IF NOT EXISTS {MIGRATIONS} (
         db_name String,
         curr_version UInt64,
         partially_applied_version Nullable(UInt64),
         updated_at DateTime64(3) DEFAULT now64(3),
         version UInt64
     ) ENGINE = ReplacingMergeTree(version) ORDER BY db_name""",
-    """CREATE TABLE IF NOT EXISTS db_management.migration_locks (
+    f"""CREATE TABLE IF NOT EXISTS {LOCKS} (
         db_name String,
         owner String,
         claim UInt64,
@@ -58,12 +69,69 @@ SCHEMA = [
         version UInt64
     ) ENGINE = MergeTree ORDER BY (db_name, owner, version)""",
 ]
+# The columns this tool reads and writes; a table of the same name with others is another migrator's.
+SHAPES = {
+    MIGRATIONS: {"db_name": "String", "curr_version": "UInt64", "partially_applied_version": "Nullable(UInt64)",
+                 "updated_at": "DateTime64(3)", "version": "UInt64"},
+    LOCKS: {"db_name": "String", "owner": "String", "claim": "UInt64", "expires_at_ms": "UInt64",
+            "released": "UInt8", "version": "UInt64"},
+}
+_CREATE_RE = re.compile(r"^\s*CREATE\s+(DATABASE|TABLE)\s+IF\s+NOT\s+EXISTS\s+([\w.]+)", re.IGNORECASE)
 
 
-def ensure_schema(client, cluster: str | None = None) -> None:
-    """Create the tracking tables (replicated under --cluster) if they are missing."""
-    for stmt in SCHEMA:
-        client.command(on_cluster(stmt, cluster) if cluster else stmt)
+def missing_statements(client, schema: list[str] = SCHEMA) -> list[str]:
+    """The CREATE ... IF NOT EXISTS statements of `schema` whose object does not exist yet (read-only)."""
+    out = []
+    for stmt in schema:
+        m = _CREATE_RE.match(stmt)
+        if not m:
+            raise ValueError(f"not a CREATE DATABASE/TABLE IF NOT EXISTS statement: {stmt[:60]!r}")
+        if not int(client.command(f"EXISTS {m.group(1).upper()} {m.group(2)}")):
+            out.append(stmt)
+    return out
+
+
+def ensure_schema(client, cluster: str | None = None, schema: list[str] = SCHEMA) -> None:
+    """Create the objects of `schema` that are missing (ON CLUSTER and replicated under --cluster).
+
+    Existence is checked first, so a store that has them gets no DDL at all: with a host down,
+    `CREATE ... IF NOT EXISTS ... ON CLUSTER` would otherwise wait out the distributed DDL timeout.
+    """
+    todo = missing_statements(client, schema)
+    replicated = replicated_databases(client) if todo and cluster else frozenset()
+    for stmt in todo:
+        run_ddl(client, on_cluster(stmt, cluster, replicated))
+
+
+def table_columns(client, table: str) -> dict[str, str]:
+    """name -> type of an existing table, in column order; {} when the table does not exist."""
+    database, name = table.split(".")
+    rows = client.query("SELECT name, type FROM system.columns WHERE database = {d:String} AND table = {t:String} "
+                        "ORDER BY position", parameters={"d": database, "t": name}).result_rows
+    return dict(rows)
+
+
+def foreign_tables(client) -> dict[str, dict[str, str]]:
+    """Tracking tables that exist under our names with another shape: another migrator wrote them."""
+    found = {}
+    for table, shape in SHAPES.items():
+        cols = table_columns(client, table)
+        if cols and cols != shape:
+            found[table] = cols
+    return found
+
+
+def describe_columns(cols: dict[str, str]) -> str:
+    return ", ".join(f"{name} {typ}" for name, typ in cols.items())
+
+
+def require_own_schema(client) -> None:
+    """Refuse to read or write state in another migrator's tables: one line that says how to convert them."""
+    found = foreign_tables(client)
+    if found:
+        tables = " and ".join(f"{t} ({describe_columns(c)})" for t, c in found.items())
+        raise MigrateError(f"another migrator wrote {tables}; run 'migrate adopt' to convert "
+                           f"{'them' if len(found) > 1 else 'it'} to this tool's tracking tables")
 
 
 @dataclass
@@ -79,18 +147,25 @@ class State:
 
 
 def read_state(client, db_name: str) -> State:
+    """The newest state row; no table yet means nothing applied (and creates nothing)."""
+    require_own_schema(client)
+    if not int(client.command(f"EXISTS TABLE {MIGRATIONS}")):
+        return State()
     rows = client.query(
-        "SELECT curr_version, partially_applied_version FROM db_management.migrations "
-        "WHERE db_name = {db:String} ORDER BY version DESC LIMIT 1", parameters={"db": db_name}).result_rows
+        f"SELECT curr_version, partially_applied_version FROM {MIGRATIONS} "
+        "WHERE db_name = {db:String} ORDER BY version DESC LIMIT 1", parameters={"db": db_name},
+        settings=LATEST_READ).result_rows
     return State(*rows[0]) if rows else State()
 
 
-def write_state(client, db_name: str, state: State) -> None:
-    insert_row(client, "db_management.migrations",
+def write_state(client, db_name: str, state: State, table: str = MIGRATIONS) -> None:
+    """A new version of the database's row (never a mutation)."""
+    insert_row(client, table,
                {"db_name": "String", "curr_version": "UInt64", "partially_applied_version": "Nullable(UInt64)",
                 "version": "UInt64"},
                {"db_name": db_name, "curr_version": state.curr_version,
-                "partially_applied_version": state.partially_applied_version, "version": next_version()})
+                "partially_applied_version": state.partially_applied_version, "version": next_version()},
+               settings=QUORUM_WRITE)
 
 
 class AdvisoryLock:
@@ -108,17 +183,17 @@ class AdvisoryLock:
 
     def _write(self, released: int) -> None:
         expires = int((time.time() + self.lease_seconds) * 1000)
-        insert_row(self.client, "db_management.migration_locks",
+        insert_row(self.client, LOCKS,
                    {"db_name": "String", "owner": "String", "claim": "UInt64", "expires_at_ms": "UInt64",
                     "released": "UInt8", "version": "UInt64"},
                    {"db_name": self.db_name, "owner": self.owner, "claim": self.claim, "expires_at_ms": expires,
-                    "released": released, "version": next_version()})
+                    "released": released, "version": next_version()}, settings=QUORUM_WRITE)
 
     def _holder(self) -> tuple[str, int] | None:
         rows = self.client.query(
             "SELECT owner, argMax(claim, version), argMax(expires_at_ms, version), argMax(released, version) "
-            "FROM db_management.migration_locks WHERE db_name = {db:String} GROUP BY owner",
-            parameters={"db": self.db_name}).result_rows
+            f"FROM {LOCKS} WHERE db_name = {{db:String}} GROUP BY owner",
+            parameters={"db": self.db_name}, settings=LATEST_READ).result_rows
         now_ms = time.time() * 1000
         live = [(claim, owner, exp) for owner, claim, exp, released in rows if not released and exp > now_ms]
         if not live:

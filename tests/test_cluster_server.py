@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from migrator import connection
+from migrator import connection, tracking
 from migrator.runner import Context, Migrator
+from test_migrator_cluster import Recorder  # the passthrough proxy that records SQL
 
 pytestmark = pytest.mark.server
 
@@ -60,3 +61,51 @@ def test_cluster_up_and_down_reach_every_replica(cluster_client, tmp_path):
         assert int(left) == 0
     finally:
         client.command(f"DROP DATABASE IF EXISTS {db} ON CLUSTER {cluster} SYNC")
+
+
+def test_cluster_status_sends_no_ddl_and_up_into_a_replicated_database(cluster_client, tmp_path):
+    client, cluster = cluster_client
+    db = "t_rdb_" + uuid.uuid4().hex[:8]
+    (tmp_path / "001_events.up.sql").write_text(UP)
+    (tmp_path / "001_events.down.sql").write_text(DOWN)
+    client.command(f"CREATE DATABASE {db} ON CLUSTER {cluster} "
+                   f"ENGINE = Replicated('/clickhouse/databases/{db}', '{{shard}}', '{{replica}}')")
+    recorder = Recorder(client)
+    m = Migrator(Context(client=recorder, database=db, migrations_dir=tmp_path, cluster=cluster, echo=lambda _: None))
+    try:
+        assert m.statements(tmp_path / "001_events.up.sql")[0].strip().startswith(f"CREATE TABLE {db}.events (")
+        assert m.up() == [1]  # no ON CLUSTER inside a Replicated database: it replicates the DDL itself
+        engines = client.query(
+            f"SELECT name, engine, count() FROM clusterAllReplicas('{cluster}', system.tables) "
+            f"WHERE database = '{db}' AND name = 'events' GROUP BY name, engine").result_rows
+        replicas = int(client.command(f"SELECT count() FROM system.clusters WHERE cluster = '{cluster}'"))
+        assert engines == [("events", "ReplicatedReplacingMergeTree", replicas)]
+        recorder.sent.clear()
+        assert m.status()["current_version"] == 1
+        assert recorder.ddl() == []
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db} ON CLUSTER {cluster} SYNC")
+
+
+@pytest.mark.skipif(not os.environ.get("CLICKHOUSE_CLUSTER_THROWAWAY"),
+                    reason="renames db_management tables cluster-wide: set CLICKHOUSE_CLUSTER_THROWAWAY=1 on a "
+                           "cluster made for this test")
+def test_cluster_adopt_takes_over_the_old_replicated_table(cluster_client):
+    from migrator.adopt import adopt
+    client, cluster = cluster_client
+    for table in (tracking.MIGRATIONS, tracking.LOCKS):
+        client.command(f"DROP TABLE IF EXISTS {table} ON CLUSTER {cluster} SYNC")
+    client.command(f"CREATE DATABASE IF NOT EXISTS db_management ON CLUSTER {cluster}")
+    client.command(f"CREATE TABLE db_management.migrations ON CLUSTER {cluster} (db_name String, curr_version UInt64, "
+                   "partially_applied_version UInt64 NULL) ENGINE = ReplicatedMergeTree() ORDER BY (db_name)")
+    client.command("INSERT INTO db_management.migrations VALUES ('d', 0, NULL)")
+    client.command("ALTER TABLE db_management.migrations UPDATE curr_version = 5, partially_applied_version = 6 "
+                   "WHERE db_name = 'd' SETTINGS mutations_sync = 2")
+    report = adopt(client, cluster)
+    assert report[0] == "adopted db_management.migrations: d at version 5 (dirty: 6 partially applied)"
+    assert tracking.read_state(client, "d") == tracking.State(5, 6)
+    engines = client.query(f"SELECT engine, count() FROM clusterAllReplicas('{cluster}', system.tables) "
+                           "WHERE database = 'db_management' AND name = 'migrations' GROUP BY engine").result_rows
+    replicas = int(client.command(f"SELECT count() FROM system.clusters WHERE cluster = '{cluster}'"))
+    assert engines == [("ReplicatedReplacingMergeTree", replicas)]
+    assert adopt(client, cluster)[0].startswith("nothing to adopt")
