@@ -8,8 +8,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from migrator.sqltext import on_cluster
-from migrator.tracking import LATEST_READ, insert_row, next_version
+from migrator.tracking import LATEST_READ, QUORUM_WRITE, ensure_schema, insert_row, next_version
 
 from .errors import BackfillError
 from .render import RAW_BYTE
@@ -104,8 +103,7 @@ class CheckpointStore:
     def ensure_schema(self) -> None:
         """Create the tracking table (ON CLUSTER under --cluster) if it is missing; nothing otherwise."""
         if not self.exists():
-            for stmt in SCHEMA:
-                self.client.command(on_cluster(stmt, self.cluster) if self.cluster else stmt)
+            ensure_schema(self.client, self.cluster, schema=SCHEMA)
             self._exists = True
 
     def _select(self, where: str, params: dict, per_id: bool = False) -> list[tuple]:
@@ -156,7 +154,7 @@ class CheckpointStore:
         for col in ("started_at", "updated_at", "completed_at"):
             if values[col] is not None:
                 values[col] = values[col].strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
-        insert_row(self.client, TABLE, TYPES, values)
+        insert_row(self.client, TABLE, TYPES, values, settings=QUORUM_WRITE)
         return row
 
     def others_since(self, bid: str, since_version: int, me: str) -> tuple[int, int]:

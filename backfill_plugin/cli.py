@@ -27,9 +27,8 @@ def control_for(app: App) -> ControlChannel | None:
 
 
 def manager(app: App):
-    from .manager import ClickHouseBackfillManager
-    return ClickHouseBackfillManager(app.client, migrations_dir=app.migrations_dir, cluster=app.cluster,
-                                     control=control_for(app))
+    from .plugin import manager_for
+    return manager_for(app.client, app.migrations_dir, app.cluster, app.target)
 
 
 def _fmt(value, unknown="unknown") -> str:

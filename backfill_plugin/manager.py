@@ -255,8 +255,7 @@ class ClickHouseBackfillManager:
         """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches."""
         check_identifier(database)
         spec, bid = self.spec(version), backfill_id(database, version)
-        state = tracking.read_state(self.ch_client, database) if _has_tracking(self.ch_client) else None
-        if state is None or state.curr_version < version:
+        if tracking.read_state(self.ch_client, database).curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
         row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
         row.checkpoint = row.checkpoint or self._new_checkpoint(spec)
@@ -403,7 +402,3 @@ def _state_client(client):
         import clickhouse_connect
         return clickhouse_connect.get_client(dsn=f"chdb://{path}")
     return client
-
-
-def _has_tracking(client) -> bool:
-    return bool(client.command("EXISTS TABLE db_management.migrations"))

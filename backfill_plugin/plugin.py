@@ -14,12 +14,21 @@ def add_hookspecs(pm):
     pm.add_hookspecs(hookspecs)
 
 
-def manager_for(context):
-    """A manager bound to the migrator's run context (client, migrations dir, cluster, control channel)."""
+def manager_for(client, migrations_dir, cluster=None, target=None):
+    """The one way hooks and CLI build a manager: an embedded store also gets its control channel,
+    so `backfill status` and `pause` from another terminal reach a run inline in `migrate up` too."""
+    from migrator.connection import control_dir
+
+    from .control import ControlChannel
     from .manager import ClickHouseBackfillManager
+    directory = control_dir(target) if target is not None else None
+    return ClickHouseBackfillManager(client, migrations_dir=migrations_dir, cluster=cluster,
+                                     control=ControlChannel(directory) if directory else None)
+
+
+def _for_context(context):
     app = context.extra.get("app")
-    return ClickHouseBackfillManager(context.client, migrations_dir=context.migrations_dir,
-                                     cluster=context.cluster, control=getattr(app, "control", None))
+    return manager_for(context.client, context.migrations_dir, context.cluster, getattr(app, "target", None))
 
 
 @hookimpl
@@ -43,7 +52,7 @@ def register_backfill(context, migration):
     """Each newly applied version with backfill files gets a pending row; run_on_startup ones run now."""
     if context.dry_run:
         return None
-    lines = manager_for(context).register_pending_backfills(context.database, [migration.version])
+    lines = _for_context(context).register_pending_backfills(context.database, [migration.version])
     return "\n".join(lines) or None
 
 
@@ -51,4 +60,4 @@ def register_backfill(context, migration):
 def after_migration_rolled_back(context, migration):
     """Rolling a version back resets its backfill, so a later `up` starts it from zero."""
     if migration.has_backfill:
-        manager_for(context).reset_backfill(context.database, migration.version, keep_params=False)
+        _for_context(context).reset_backfill(context.database, migration.version, keep_params=False)

@@ -225,9 +225,3 @@ class AdvisoryLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-# Reads that decide writes see the newest committed rows on replicated and load-balanced servers, and
-# writes reach a quorum of replicas before they count (docs/backfill_runbook.md, "Servers and clusters").
-LATEST_READ = {"select_sequential_consistency": 1}
-QUORUM_WRITE = {"insert_quorum": "auto", "insert_quorum_parallel": 0}

@@ -1,0 +1,159 @@
+"""Guarantees of the batch protocol, each isolated so that it alone makes its test pass:
+the write-ahead, the non-advancing guard, read-only commands without DDL, meta defaults, and the
+control channel of a backfill that runs inline in `migrate up`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from backfill_plugin import ClickHouseBackfillManager
+from backfill_plugin.errors import BackfillError
+from backfill_plugin.keys import KeySpace
+from backfill_plugin.meta import load_spec
+from migrator.discovery import discover
+from tests.conftest import MIGRATE, REPO
+from tests.test_migrator_cluster import Recorder
+
+UP = """
+CREATE TABLE {db}.src (a String, b UInt32, v String) ENGINE = MergeTree ORDER BY (a, b);
+INSERT INTO {db}.src SELECT ['', 'q''x', 'b\\\\s', 'é'][number % 4 + 1], number, toString(number * 3) FROM numbers(4000);
+CREATE TABLE {db}.dst (a String, b UInt32, v String) ENGINE = MergeTree ORDER BY (a, b);
+"""
+# The target has no dedup window, so the token cannot hide a replayed range: only the anti-join on
+# {retry_count} > 0 can, and the runner sets it only for a range it knows was in flight.
+ANTI_JOIN = ("INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} "
+             "AND (a, b) NOT IN (SELECT a, b FROM {db}.dst WHERE {batch_range} AND {retry_count} > 0)")
+META = {"migration_version": 1, "batch_size": 1000, "checkpoint_columns": ["a", "b"], "source_table": "src"}
+
+KILLER = '''
+import os, signal
+from migrator import hookimpl
+
+
+@hookimpl
+def backfill_batch_completed(backfill, batch):
+    if batch["number"] == int(os.environ.get("KILL_AT_BATCH", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)  # after the INSERT committed, before its completion is saved
+'''
+
+READER = r"""
+import json, sys, clickhouse_connect
+c = clickhouse_connect.get_client(dsn=sys.argv[1])
+fp = "SELECT count(), groupBitXor(cityHash64(a, b, v)), sum(cityHash64(a, b, v)) FROM d.{}"
+print(json.dumps({"src": c.query(fp.format("src")).result_rows[0], "dst": c.query(fp.format("dst")).result_rows[0],
+                  "dups": c.command("SELECT count() FROM (SELECT a, b FROM d.dst GROUP BY a, b HAVING count() > 1)")}))
+"""
+
+
+def test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact(tmp_path, migrations):
+    """kill -9 right after batch 2's INSERT commits (a real entry-point plugin SIGKILLs its own process).
+    Only the in-flight range written ahead tells the next run that batch 2 may be in the target."""
+    root = migrations(1, "copy", UP, "SELECT 1", ANTI_JOIN, META)
+    site = tmp_path / "site"
+    (site / "killer-0.1.dist-info").mkdir(parents=True)
+    (site / "mig_killer.py").write_text(KILLER)
+    (site / "killer-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: killer\nVersion: 0.1\n")
+    (site / "killer-0.1.dist-info" / "entry_points.txt").write_text("[migrator]\nkiller = mig_killer\n")
+    store = tmp_path / "store"
+    env = {**os.environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": "d", "MIGRATE_DIR": str(root),
+           "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "MIGRATOR_DISABLE_PLUGINS": ""}
+
+    def migrate(*args, **extra):
+        return subprocess.run(MIGRATE + list(args), env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300, cwd=str(REPO))
+
+    assert migrate("up").returncode == 0
+    killed = migrate("backfill", "run", "1", KILL_AT_BATCH="2")
+    assert killed.returncode == -9, killed.stderr
+    status = json.loads(migrate("backfill", "status", "1", "--json").stdout)
+    assert status["status"] == "running" and status["checkpoint"]["in_flight"] is not None
+    assert status["rows_processed"] == 1000  # batch 2 committed in the target but not in the checkpoint
+    done = migrate("backfill", "run", "1")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(subprocess.run([sys.executable, "-c", READER, f"chdb://{store}"], capture_output=True,
+                                    text=True, timeout=120, cwd=str(REPO)).stdout)
+    assert got["dst"] == got["src"] and got["src"][0] == 4000
+    assert got["dups"] == 0
+
+
+def test_a_batch_that_would_not_advance_stops_the_run(ch_client, db, migrations, migrator_for, monkeypatch):
+    """A range bug injected into the key space (the lower bound of a batch includes the last key done):
+    the run must stop with one line naming both keys instead of re-selecting the same key forever."""
+    root = migrations(1, "copy", UP.replace("numbers(4000)", "numbers(8)"), "SELECT 1", ANTI_JOIN,
+                      {**META, "batch_size": 2, "min_batch_size": 1})
+    migrator_for(db, root).up()
+    compare = KeySpace._compare
+
+    def inclusive(self, point, op, strict_last):  # `>=` instead of `>` on the last key column
+        return compare(self, point, op, strict_last=False if op == ">" else strict_last)
+
+    monkeypatch.setattr(KeySpace, "_compare", inclusive)
+    mgr = ClickHouseBackfillManager(ch_client, migrations_dir=root)
+    with pytest.raises(BackfillError, match=r"would end at \[.*\], not past its start \[.*\]"):
+        mgr.run_backfill(db, 1)
+    assert mgr.get_status(db, 1, live_counts=False)["status"] == "failed"
+
+
+def test_read_only_backfill_commands_send_no_ddl(ch_client, db, migrations, migrator_for):
+    root = migrations(1, "copy", UP, "SELECT 1", ANTI_JOIN, META)
+    migrator_for(db, root).up()
+    ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1, max_batches=1)
+    recorder = Recorder(ch_client)
+    mgr = ClickHouseBackfillManager(recorder, migrations_dir=root)
+    assert mgr.get_status(db, 1)["status"] == "paused"
+    assert [i["status"] for i in mgr.list_backfills(db)] == ["paused"]
+    assert recorder.sent and recorder.ddl() == []
+    ClickHouseBackfillManager(ch_client, migrations_dir=root).reset_backfill(db, 1)
+    recorder.sent.clear()
+    ClickHouseBackfillManager(recorder, migrations_dir=root).pause_backfill(db, 1)  # a pending one can
+    assert recorder.sent and recorder.ddl() == []
+
+
+def test_meta_defaults_never_make_a_valid_file_invalid(migrations):
+    root = migrations(7, "small", "SELECT 1", "SELECT 1", ANTI_JOIN,
+                      {**META, "migration_version": 7, "batch_size": 300})
+    spec = load_spec(discover(root)[7])
+    assert spec.meta["min_batch_size"] == 300 and spec.meta["batch_size"] == 300
+    root = migrations(8, "big", "SELECT 1", "SELECT 1", ANTI_JOIN, {**META, "migration_version": 8})
+    assert load_spec(discover(root)[8]).meta["min_batch_size"] == 1000
+
+
+def test_status_and_pause_reach_a_backfill_running_inline_in_migrate_up(tmp_path, migrations):
+    """`run_on_startup`: the backfill runs inside `migrate up`, which holds the embedded store; another
+    terminal still sees its live status and pauses it through the control channel."""
+    slow = ANTI_JOIN.replace("WHERE {batch_range}", "WHERE {batch_range} AND sleepEachRow(0.002) = 0", 1)
+    root = migrations(1, "copy", UP, "SELECT 1", slow, {**META, "batch_size": 500, "run_on_startup": True})
+    store = tmp_path / "store"
+    env = {**os.environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": "d", "MIGRATE_DIR": str(root)}
+
+    def migrate(*args):
+        return subprocess.run(MIGRATE + list(args), env=env, capture_output=True, text=True, timeout=300,
+                              cwd=str(REPO))
+
+    up = subprocess.Popen(MIGRATE + ["up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=str(REPO))
+    deadline, live = time.time() + 240, None  # generous: the machine may be busy
+    while time.time() < deadline:
+        probe = migrate("backfill", "status", "1", "--json")
+        if probe.returncode == 0 and json.loads(probe.stdout).get("batches_completed", 0) >= 1:
+            live = json.loads(probe.stdout)
+            break
+        time.sleep(0.3)
+    assert live is not None and live["status"] == "running"
+    assert live["source"].startswith("control channel")
+    paused = migrate("backfill", "pause", "1")
+    assert paused.returncode == 0 and "pause requested" in paused.stdout, paused.stderr
+    out, err = up.communicate(timeout=120)
+    assert up.returncode == 0, err
+    assert "backfill 1" in out and "paused" in out
+    after = json.loads(migrate("backfill", "status", "1", "--json").stdout)
+    assert after["status"] == "paused" and after["rows_processed"] < 4000
+    assert migrate("backfill", "resume", "1").returncode == 0
+    got = json.loads(subprocess.run([sys.executable, "-c", READER, f"chdb://{store}"], capture_output=True,
+                                    text=True, timeout=120, cwd=str(REPO)).stdout)
+    assert got["dst"] == got["src"] and got["dups"] == 0
