@@ -24,7 +24,7 @@ def check(run, cluster: str | None) -> None:
     meta = run.spec.meta
     if cluster:
         check_single_shard(run.client, cluster)
-    check_receive_timeout(run.client, meta["timeout_seconds"])
+    check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = dedup.known_settings(run.client)
     sql, _ = run.render(run.in_flight or _preview(run), 0)
@@ -63,8 +63,8 @@ def receive_timeout(client) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def check_receive_timeout(client, batch_timeout: float) -> None:
-    read = receive_timeout(client)
+def check_receive_timeout(read: float | None, batch_timeout: float) -> None:
+    """`read` is the client's receive timeout (None: the embedded engine, which has none)."""
     if read is not None and read < batch_timeout + TIMEOUT_MARGIN:
         raise BackfillError(f"the HTTP receive timeout ({read:.0f}s) is shorter than the batch's timeout_seconds "
                             f"({batch_timeout:g}s) plus {TIMEOUT_MARGIN:.0f}s: the client would give up on a batch the "

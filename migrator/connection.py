@@ -124,6 +124,23 @@ def _quiet_stderr():
         os.close(saved)
 
 
+RECEIVE_TIMEOUT_ENV = "MIGRATE_RECEIVE_TIMEOUT"
+DEFAULT_RECEIVE_TIMEOUT = 3900  # above a backfill batch's default timeout_seconds (3600)
+
+
+def receive_timeout() -> int:
+    """Seconds the HTTP client waits for an answer: longer than a batch may run, or the client would
+    give up on a batch that the server keeps executing."""
+    raw = os.environ.get(RECEIVE_TIMEOUT_ENV, "")
+    try:
+        value = int(raw) if raw else DEFAULT_RECEIVE_TIMEOUT
+    except ValueError:
+        raise MigrateError(f"{RECEIVE_TIMEOUT_ENV}={raw!r}: expected a whole number of seconds") from None
+    if value <= 0:
+        raise MigrateError(f"{RECEIVE_TIMEOUT_ENV}={raw!r}: must be > 0")
+    return value
+
+
 def connect(target: Target, argv: list[str] | None = None):
     """Open the client; a store held by another process is a one-line error naming that process."""
     if target.embedded:
@@ -149,6 +166,7 @@ def connect(target: Target, argv: list[str] | None = None):
             password=os.environ.get("CLICKHOUSE_PASSWORD") or urllib.parse.unquote(parsed.password or ""),
             secure=parsed.scheme == "https",
             autogenerate_session_id=False,  # no session: threads (heartbeat, batch) may share the client
+            send_receive_timeout=receive_timeout(),
         )
     except Exception as exc:
         raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(one_line(exc))}") from None

@@ -157,3 +157,39 @@ def test_status_and_pause_reach_a_backfill_running_inline_in_migrate_up(tmp_path
     got = json.loads(subprocess.run([sys.executable, "-c", READER, f"chdb://{store}"], capture_output=True,
                                     text=True, timeout=120, cwd=str(REPO)).stdout)
     assert got["dst"] == got["src"] and got["dups"] == 0
+
+
+def test_preflight_refuses_what_would_break_exactly_once_on_a_server(ch_client, db, migrations, migrator_for,
+                                                                        monkeypatch):
+    """Checks a server needs, exercised on the embedded engine: a token-only target without a dedup
+    window, an HTTP receive timeout shorter than the batch timeout, an unknown cluster."""
+    from backfill_plugin import preflight
+    from migrator import connection
+    from migrator.errors import MigrateError
+
+    token_only = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range}"
+    root = migrations(1, "copy", UP, "SELECT 1", token_only, META)
+    migrator_for(db, root).up()
+    mgr = ClickHouseBackfillManager(ch_client, migrations_dir=root)
+    with pytest.raises(BackfillError, match=rf"target {db}.dst has non_replicated_deduplication_window = 0.*"
+                                            rf"MODIFY SETTING non_replicated_deduplication_window"):
+        mgr.run_backfill(db, 1)
+    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 0
+    ch_client.command(f"ALTER TABLE {db}.dst MODIFY SETTING non_replicated_deduplication_window = 100")
+    assert mgr.run_backfill(db, 1)["status"] == "completed"
+
+    # An HTTP client cannot be built without a server here: the check is tested on the value `connect`
+    # passes as send_receive_timeout.
+    monkeypatch.setenv(connection.RECEIVE_TIMEOUT_ENV, "300")
+    with pytest.raises(BackfillError, match=r"HTTP receive timeout \(300s\) is shorter than the batch's "
+                                            r"timeout_seconds \(3600s\)"):
+        preflight.check_receive_timeout(connection.receive_timeout(), 3600)
+    preflight.check_receive_timeout(connection.receive_timeout(), 200)
+    assert preflight.receive_timeout(ch_client) is None  # the embedded engine has no HTTP timeout
+    monkeypatch.delenv(connection.RECEIVE_TIMEOUT_ENV)
+    assert connection.receive_timeout() > 3600 + preflight.TIMEOUT_MARGIN  # the default fits the default batch
+    monkeypatch.setenv(connection.RECEIVE_TIMEOUT_ENV, "soon")
+    with pytest.raises(MigrateError, match="MIGRATE_RECEIVE_TIMEOUT='soon': expected a whole number"):
+        connection.receive_timeout()
+    with pytest.raises(BackfillError, match="--cluster nowhere: no such cluster"):
+        preflight.check_single_shard(ch_client, "nowhere")

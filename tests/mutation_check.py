@@ -1,0 +1,88 @@
+"""`make mutation-check`: break one guarantee at a time in a copy of the repo and make sure a test fails.
+
+Each mutation replaces one line of the product in a temporary copy, runs the tests that guard that
+guarantee, and must make at least one of them fail by an assertion or a product error, never by a
+timeout. Exit 1 when a mutation survives (or the mutated text is not found: the check went stale).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+T = "tests/"
+
+# (name, file, original text, mutated text, tests that must catch it)
+MUTATIONS = [
+    ("write-ahead save removed", "backfill_plugin/manager.py",
+     "                self._save(row)\n            else:", "                pass\n            else:",
+     [T + "test_protocol_guards.py::test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact"]),
+    ("range lower bound inclusive (>= on the last key column)", "backfill_plugin/keys.py",
+     'this_op = op if (strict_last or not last) else op + "="', 'this_op = op if not last else op + "="',
+     [T + "test_backfill_engine.py", "-k", "hostile_composite_keys"]),
+    ("range upper bound exclusive", "backfill_plugin/keys.py",
+     'return self._compare(end, "<", strict_last=False)', 'return self._compare(end, "<", strict_last=True)',
+     [T + "test_backfill_engine.py", "-k", "hostile_composite_keys"]),
+    ("kill-before-replay removed", "backfill_plugin/attempt.py",
+     "            ids = self.running(backfill_id)\n", "            ids = []\n",
+     [T + "test_attempts.py", "-k", "anti-join"]),
+    ("dedup token differs per attempt", "backfill_plugin/dedup.py",
+     '"insert_deduplication_token": token}', '"insert_deduplication_token": token + str(time.time())}',
+     [T + "test_backfill_engine.py", "-k", "replay_of_committed_batch"]),
+    ("OOM not halved (retried like any error)", "backfill_plugin/attempt.py",
+     "if error_code(exc) == OOM:", "if False:",
+     [T + "test_backfill_engine.py", "-k", "real_oom_halves"]),
+    ("lease never held by another runner", "backfill_plugin/lease.py",
+     '    if not lease or lease.get("owner") == me:\n        return None',
+     '    if True:\n        return None',
+     [T + "test_backfill_engine.py", "-k", "second_runner_refused"]),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def main() -> int:
+    survived = []
+    for name, path, old, new, tests in MUTATIONS:
+        with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+            root = Path(tmp)
+            copy_repo(root)
+            target = root / path
+            text = target.read_text()
+            if text.count(old) != 1:
+                print(f"STALE   {name}: the text to mutate is not in {path} exactly once")
+                survived.append(name)
+                continue
+            target.write_text(text.replace(old, new))
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   "-o", "addopts=", "--timeout=300", *tests], cwd=root, capture_output=True,
+                                  text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            out = proc.stdout + proc.stderr
+            timed_out = "Timeout" in out and "+++++" in out
+            if proc.returncode == 0:
+                print(f"SURVIVED {name}: {' '.join(tests)} passed")
+                survived.append(name)
+            elif timed_out or proc.returncode not in (1,):
+                print(f"BAD     {name}: the tests did not fail by an assertion (exit {proc.returncode})")
+                survived.append(name)
+            else:
+                failed = next((line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))), "?")
+                print(f"caught  {name}: {failed[:160]}")
+    print(f"{len(MUTATIONS) - len(survived)} of {len(MUTATIONS)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
