@@ -134,7 +134,8 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
         result = call(app.database, version, on_batch=on_batch, **kwargs)
     elapsed = time.time() - started
     stopped = result.get("stopped")
-    click.echo(f"backfill {version}: {result['status']} ({stopped}); {result['rows_processed']:,} rows processed, "
+    why = f" ({stopped})" if stopped and stopped != result["status"] else ""
+    click.echo(f"backfill {version}: {result['status']}{why}; {result['rows_processed']:,} rows processed, "
                f"{result['batches_completed']} batches, batch size {result['current_batch_size']}, {elapsed:.1f}s")
     if stopped == "stop requested":
         click.echo(f"paused at a batch boundary; resume with 'migrate backfill resume {version}'", err=True)

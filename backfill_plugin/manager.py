@@ -298,7 +298,8 @@ class ClickHouseBackfillManager:
         """Take the lease; a runner that claimed at the same instant makes exactly one side back off."""
         row, cp = run.row, run.checkpoint
         self._spec = run.spec
-        cp.update(lease=new_lease(self.owner), recent=[], started_at=cp.get("started_at") or utcnow().isoformat(),
+        # The rate window starts at the claim, so the first batch already has a rate and an ETA.
+        cp.update(lease=new_lease(self.owner), recent=[[time.time(), cp.get("rows_processed", 0)]], started_at=cp.get("started_at") or utcnow().isoformat(),
                   rows_total=cp.get("rows_processed", 0) + run.keys.remaining(self.ch_client, cp.get("position")))
         row.started_at = row.started_at or utcnow()
         row.error_log = None
