@@ -32,14 +32,14 @@ MUTATIONS = [
      [T + "test_attempts.py", "-k", "anti-join"]),
     ("dedup token differs per attempt", "backfill_plugin/dedup.py",
      '"insert_deduplication_token": token}', '"insert_deduplication_token": token + str(time.time())}',
-     [T + "test_backfill_engine.py", "-k", "replay_of_committed_batch"]),
+     [T + "test_faults.py", "-k", "crash_between_insert_and_checkpoint and token"]),
     ("OOM not halved (retried like any error)", "backfill_plugin/attempt.py",
      "if error_code(exc) == OOM:", "if False:",
      [T + "test_backfill_engine.py", "-k", "real_oom_halves"]),
     ("lease never held by another runner", "backfill_plugin/lease.py",
      '    if not lease or lease.get("owner") == me:\n        return None',
      '    if True:\n        return None',
-     [T + "test_backfill_engine.py", "-k", "second_runner_refused"]),
+     [T + "test_faults.py", "-k", "second_runner_refused_while_the_first_runs"]),
 ]
 
 

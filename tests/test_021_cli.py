@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_migrate
+from tests.conftest import REPO, run_migrate, store_query
 
 _AGG = {  # how each calls_complete column finalises from calls_merged's parts
     "trace_id": "ifNull(any(trace_id), '')", "parent_id": "any(parent_id)", "thread_id": "any(thread_id)",
@@ -28,26 +28,7 @@ FINAL = ("SELECT project_id, id, " + ", ".join(
 COLS = ("project_id, id, trace_id, parent_id, thread_id, turn_id, op_name, display_name, started_at, ended_at, "
         "exception, attributes_dump, inputs_dump, output_dump, summary_dump, input_refs, output_refs, wb_user_id, "
         "wb_run_id, wb_run_step, wb_run_step_end")
-SQL_RUNNER = """
-import json, sys, clickhouse_connect
-c = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
-out = []
-for sql in json.loads(sys.argv[2]):
-    if sql.lstrip().upper().startswith(("SELECT", "WITH")):
-        out.append([[v if isinstance(v, int) else str(v) for v in r] for r in c.query(sql).result_rows])
-    else:
-        c.command(sql)
-        out.append(None)
-print(json.dumps(out))
-"""
-
-
-def sql(store, *statements):
-    """Run statements against the store in a subprocess (the store is one process's at a time)."""
-    out = subprocess.run([sys.executable, "-c", SQL_RUNNER, str(store), json.dumps(statements)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+sql = store_query  # statements against the store, in a subprocess (the store is one process's at a time)
 
 
 @pytest.fixture
@@ -109,8 +90,18 @@ def test_explicit_cutover_and_a_call_the_new_path_wrote_within_the_window(store)
 
 
 def test_validate_fails_on_a_missing_or_duplicated_row(store):
+    """One row taken out, then (restored and) one row written twice: validate names each."""
     assert run_migrate(["backfill", "run", "21"], store).returncode == 0
-    sql(store, "INSERT INTO d.calls_complete SELECT * FROM d.calls_complete ORDER BY project_id, id LIMIT 1")
+    assert run_migrate(["backfill", "validate", "21"], store).returncode == 0
+    first = "SELECT * FROM d.calls_complete ORDER BY project_id, id LIMIT 1"
+    sql(store, "CREATE TABLE d.kept AS d.calls_complete", f"INSERT INTO d.kept {first}",
+        "DELETE FROM d.calls_complete WHERE (project_id, id) IN (SELECT project_id, id FROM d.kept)")
     check = run_migrate(["backfill", "validate", "21"], store)
     assert check.returncode == 1 and "MISMATCH" in check.stdout
-    assert check.stderr.startswith("error: validation of backfill 21 failed: duplicate_keys_in_calls_complete")
+    assert check.stderr.startswith("error: validation of backfill 21 failed: missing_in_calls_complete"), check.stderr
+    sql(store, "INSERT INTO d.calls_complete SELECT * FROM d.kept", "INSERT INTO d.calls_complete SELECT * FROM d.kept")
+    check = run_migrate(["backfill", "validate", "21"], store)
+    assert check.returncode == 1 and "MISMATCH" in check.stdout
+    assert check.stderr.startswith("error: validation of backfill 21 failed: duplicate_keys_in_calls_complete"), \
+        check.stderr
+    assert "missing_in_calls_complete" not in check.stderr

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 
 import pytest
 from click.testing import CliRunner
 
 from migrator.cli import build
-from tests.conftest import MIGRATE, REPO, run_migrate
+from tests.conftest import assert_copied_exactly, assert_store_copied_exactly, run_migrate, start_migrate
 
 LIST_KEYS = {"migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
              "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at"}
@@ -81,7 +79,7 @@ def test_pause_resume_reset(invoke, ch_client, db):
     invoke("backfill", "run", "1", "--max-batches", "1")
     assert "paused" in json.loads(invoke("backfill", "status", "1", "--json").output)["status"]
     assert invoke("backfill", "resume", "1").exit_code == 0
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 5000
+    assert_copied_exactly(ch_client, db, 5000, keys="k")
     assert invoke("backfill", "reset", "1", "--yes").exit_code == 0
     assert json.loads(invoke("backfill", "status", "1", "--json").output)["rows_processed"] == 0
 
@@ -121,9 +119,7 @@ def _start_slow_run(tmp_path, migrations, batches=40):
     root = migrations(1, "copy", UP, "DROP TABLE {db}.src; DROP TABLE {db}.dst", slow, META)
     store = tmp_path / "store"
     assert run_migrate(["up"], store, migrations_dir=root).returncode == 0
-    env = {**os.environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": "d", "MIGRATE_DIR": str(root)}
-    proc = subprocess.Popen(MIGRATE + ["backfill", "run", "1"], env=env, cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_migrate(["backfill", "run", "1"], store, migrations_dir=root)
     status_file = store.with_name("store.control") / "status-d_1.json"
     deadline = time.time() + 60
     while not (status_file.exists() and json.loads(status_file.read_text()).get("batches_completed", 0) >= 1):
@@ -155,6 +151,7 @@ def test_status_and_pause_from_a_second_process_on_the_embedded_store(tmp_path, 
     assert run_migrate(["backfill", "resume", "1"], store, migrations_dir=root).returncode == 0
     final = json.loads(run_migrate(["backfill", "status", "1", "--json"], store, migrations_dir=root).stdout)
     assert (final["status"], final["rows_processed"]) == ("completed", 5000)
+    assert_store_copied_exactly(store, 5000, keys="k")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

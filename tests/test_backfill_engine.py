@@ -1,7 +1,12 @@
-"""The batch protocol on the real engine: ranges, exactly-once, OOM halving, params, hooks."""
+"""The batch protocol on the real engine: ranges, exactly-once, OOM halving, params, hooks.
+
+Pausing from another thread, a second runner, OOM below min_batch_size, retries with backoff and a
+crash after an INSERT are tested once, in test_faults.py.
+"""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -10,6 +15,7 @@ from backfill_plugin.errors import BackfillError
 from backfill_plugin.render import Raw, escape, render
 from migrator import hookimpl
 from migrator.plugins import pm
+from tests.conftest import assert_copied_exactly, assert_copied_through, own_client
 
 HOSTILE = ["", "x'y", "a\\b", "é☃", "z", "new\nline", "tab\tq\\'", "'; DROP TABLE x; --"]
 
@@ -24,45 +30,44 @@ CREATE TABLE {{db}}.dst (a String, b UInt32, v String) ENGINE = MergeTree ORDER 
 COPY_SQL = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range}"
 META = {"migration_version": 1, "batch_size": 1000, "checkpoint_columns": ["a", "b"], "source_table": "src",
         "min_batch_size": 10}
-
-
-def fingerprint(client, table):
-    return client.query(f"SELECT count(), sum(cityHash64(a, b, v)), uniqExact(a, b, v) FROM {table}").result_rows[0]
+ROW = "a, b, v"  # SRC repeats each (a, b) 4 times with different v: a row is (a, b, v)
 
 
 @pytest.fixture
-def generic(ch_client, db, migrations, migrator_for):
-    """Migration 1 (source with hostile keys, dedup-enabled target) applied; returns the manager."""
+def copy_manager(ch_client, shared_store_backfill):
+    """copy_manager(meta, sql, up) -> a manager over version 1 (hostile keys, dedup-enabled target) applied
+    to this test's database on the shared store."""
     def setup(meta=None, sql=COPY_SQL, up=SRC, **kw):
-        root = migrations(1, "copy", up, "DROP TABLE {db}.src; DROP TABLE {db}.dst", sql, {**META, **(meta or {})})
-        migrator_for(db, root).up()
-        return ClickHouseBackfillManager(ch_client, migrations_dir=root, **kw)
+        root = shared_store_backfill(up, sql, {**META, **(meta or {})})
+        manager = ClickHouseBackfillManager(ch_client, migrations_dir=root, **kw)
+        manager.root = root
+        return manager
     return setup
 
 
-def test_hostile_composite_keys_copied_exactly_once(ch_client, db, generic):
-    mgr = generic()
+def test_hostile_composite_keys_copied_exactly_once(ch_client, db, copy_manager):
+    mgr = copy_manager()
     assert mgr.get_status(db, 1)["status"] == "pending"  # registered by migrate up
     result = mgr.run_backfill(db, 1)
     assert result["status"] == "completed"
     assert result["rows_processed"] == 20000
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
+    assert_copied_exactly(ch_client, db, 20000, keys=ROW)
     keys = ch_client.query(f"SELECT DISTINCT a FROM {db}.dst ORDER BY a").result_rows
     assert sorted(k[0] for k in keys) == sorted(HOSTILE)
 
 
-def test_max_batches_then_resume_from_checkpoint(ch_client, db, generic):
-    mgr = generic()
+def test_max_batches_then_resume_from_checkpoint(ch_client, db, copy_manager):
+    mgr = copy_manager()
     first = mgr.run_backfill(db, 1, max_batches=3)
     assert (first["status"], first["stopped"], first["batches_completed"]) == ("paused", "max batches", 3)
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == first["rows_processed"]
+    assert_copied_through(ch_client, db, first["position"], first["rows_processed"], keys=ROW)
     assert mgr.resume_backfill(db, 1)["status"] == "completed"
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
+    assert_copied_exactly(ch_client, db, 20000, keys=ROW)
     with pytest.raises(BackfillError, match=r"is completed; only a paused or failed backfill \(or one whose runner died\) can be resumed"):
         mgr.resume_backfill(db, 1)
 
 
-def test_key_split_across_unmerged_parts_stays_in_one_batch(ch_client, db, generic):
+def test_key_split_across_unmerged_parts_stays_in_one_batch(ch_client, db, copy_manager):
     """Each key has rows in 3 unmerged parts; batch_size 7 puts boundaries inside a key's rows."""
     up = """CREATE TABLE {db}.src (k String, n UInt32) ENGINE = MergeTree ORDER BY k;
     SYSTEM STOP MERGES {db}.src;
@@ -72,127 +77,35 @@ def test_key_split_across_unmerged_parts_stays_in_one_batch(ch_client, db, gener
     CREATE TABLE {db}.dst (k String, total UInt64) ENGINE = MergeTree ORDER BY k
         SETTINGS non_replicated_deduplication_window = 1000"""
     sql = "INSERT INTO {db}.dst SELECT k, sum(n) FROM {db}.src WHERE {batch_range} GROUP BY k"
-    mgr = generic({"checkpoint_columns": ["k"], "batch_size": 7, "min_batch_size": 1}, sql, up)
+    mgr = copy_manager({"checkpoint_columns": ["k"], "batch_size": 7, "min_batch_size": 1}, sql, up)
     assert ch_client.command(f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'src' AND active") == 3
     assert mgr.run_backfill(db, 1)["status"] == "completed"
-    rows = ch_client.query(f"SELECT count(), countIf(total != 6), uniqExact(k) FROM {db}.dst").result_rows[0]
-    assert rows == (500, 0, 500)  # every key aggregated whole, once
+    assert ch_client.command(f"SELECT countIf(total != 6) FROM {db}.dst") == 0  # every key aggregated whole
+    assert_copied_exactly(ch_client, db, 500, keys="k", expected=f"(SELECT k, sum(n) FROM {db}.src GROUP BY k)")
 
 
-def test_batch_that_inserts_nothing_still_advances(ch_client, db, generic):
+def test_batch_that_inserts_nothing_still_advances(ch_client, db, copy_manager):
     sql = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND a = 'z'"
-    mgr = generic(sql=sql)
+    mgr = copy_manager(sql=sql)
     result = mgr.run_backfill(db, 1)
     assert result["status"] == "completed" and result["rows_processed"] == 20000
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == ch_client.command(
-        f"SELECT count() FROM {db}.src WHERE a = 'z'")
+    assert_copied_exactly(ch_client, db, 2500, keys=ROW, src_where="a = 'z'")
 
 
-def test_replay_of_committed_batch_is_deduplicated(ch_client, db, generic):
-    """Injected fault: the process 'dies' right after the INSERT commits, before the checkpoint write."""
-    mgr = generic()
-
-    class Crash(BaseException):
-        pass
-
-    real = mgr.ch_client.command
-    calls = {"n": 0}
-
-    class CrashingClient:
-        def __getattr__(self, name):
-            return getattr(ch_client, name)
-
-        def command(self, sql, *a, **kw):
-            out = real(sql, *a, **kw)
-            if "INSERT INTO" in sql and f"{db}.dst" in sql:
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    raise Crash()
-            return out
-
-    mgr.ch_client = CrashingClient()
-    with pytest.raises(Crash):
-        mgr.run_backfill(db, 1)
-    status = mgr.get_status(db, 1)
-    assert status["checkpoint"]["in_flight"] is not None  # the write-ahead range survived the crash
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") > status["rows_processed"]  # batch 3 committed
-    fresh = ClickHouseBackfillManager(ch_client, migrations_dir=mgr.migrations_dir)
-    assert fresh.run_backfill(db, 1)["status"] == "completed"
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
-
-
-def test_real_oom_halves_batch_and_completes(ch_client, db, generic):
+def test_real_oom_halves_batch_and_completes(ch_client, db, copy_manager):
     sql = ("INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} "
            "GROUP BY a, b, v ORDER BY length(groupArray(repeat(v, 2000))) ")
-    mgr = generic({"batch_size": 16000, "min_batch_size": 100, "settings": {"max_memory_usage": 60_000_000}}, sql)
+    mgr = copy_manager({"batch_size": 16000, "min_batch_size": 100, "settings": {"max_memory_usage": 60_000_000}}, sql)
     result = mgr.run_backfill(db, 1)
     assert result["status"] == "completed"
     assert result["current_batch_size"] < 16000
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
+    assert_copied_exactly(ch_client, db, 20000, keys=ROW)
 
 
-def test_oom_below_min_batch_size_fails_and_keeps_checkpoint(ch_client, db, generic):
-    sql = ("INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} "
-           "GROUP BY a, b, v ORDER BY length(groupArray(repeat(v, 20000)))")
-    mgr = generic({"batch_size": 1000, "min_batch_size": 500, "settings": {"max_memory_usage": 20_000_000}}, sql)
-    with pytest.raises(BackfillError, match="below min_batch_size 500"):
-        mgr.run_backfill(db, 1)
-    status = mgr.get_status(db, 1)
-    assert status["status"] == "failed"
-    assert "min_batch_size" in status["error_log"]
-    assert status["checkpoint"]["in_flight"] is not None
-
-
-def test_transient_error_retries_with_backoff_then_fails(ch_client, db, generic):
-    """Real TIMEOUT_EXCEEDED (159) from max_execution_time; sleep is patched to record the backoff."""
-    slept = []
-    sql = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND sleepEachRow(0.001) = 0"
-    mgr = generic({"timeout_seconds": 0.5, "max_retries": 2}, sql, sleep=slept.append)
-    with pytest.raises(BackfillError, match="failed 3 times"):
-        mgr.run_backfill(db, 1)
-    assert slept == [1, 2]
-    status = mgr.get_status(db, 1)
-    assert status["status"] == "failed" and "TIMEOUT" in status["error_log"]
-
-
-def test_pause_from_another_thread_stops_at_boundary(ch_client, db, generic):
-    mgr = generic({"batch_size": 200})
-    other = ClickHouseBackfillManager(ch_client, migrations_dir=mgr.migrations_dir)
-    seen = threading.Event()
-
-    def on_batch(summary, event):
-        if event["number"] == 2:
-            other.pause_backfill(db, 1)
-            seen.set()
-
-    result = mgr.run_backfill(db, 1, on_batch=on_batch)
-    assert seen.is_set()
-    assert (result["status"], result["stopped"]) == ("paused", "paused")
-    assert result["batches_completed"] == 2
-    assert other.resume_backfill(db, 1)["status"] == "completed"
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
-
-
-def test_second_runner_refused_while_lease_is_fresh(ch_client, db, generic):
-    mgr = generic({"batch_size": 200})
-    second = ClickHouseBackfillManager(ch_client, migrations_dir=mgr.migrations_dir)
-    errors = []
-
-    def on_batch(summary, event):
-        if event["number"] == 1:
-            try:
-                second.run_backfill(db, 1)
-            except BackfillError as exc:
-                errors.append(str(exc))
-
-    assert mgr.run_backfill(db, 1, on_batch=on_batch)["status"] == "completed"
-    assert len(errors) == 1 and "refusing a second runner" in errors[0]
-
-
-def test_params_fixed_at_first_start_and_typed_placeholders(ch_client, db, generic):
+def test_params_fixed_at_first_start_and_typed_placeholders(ch_client, db, copy_manager):
     sql = ("INSERT INTO {db}.dst SELECT a, b, concat(v, '{suffix}') FROM {db}.src "
            "WHERE {batch_range} AND b < {limit:UInt32} AND b >= {floor}")
-    mgr = generic({"params": {"suffix": "-'x", "limit": {"sql": "SELECT 4000"}, "floor": 10}}, sql)
+    mgr = copy_manager({"params": {"suffix": "-'x", "limit": {"sql": "SELECT 4000"}, "floor": 10}}, sql)
     with pytest.raises(BackfillError, match="declares no such param"):
         mgr.run_backfill(db, 1, params={"nope": "1"})
     result = mgr.run_backfill(db, 1, max_batches=1, params={"floor": "100"})
@@ -200,12 +113,11 @@ def test_params_fixed_at_first_start_and_typed_placeholders(ch_client, db, gener
     with pytest.raises(BackfillError, match="fixed at first start"):
         mgr.run_backfill(db, 1, params={"floor": "5"})
     mgr.run_backfill(db, 1)
-    got = ch_client.query(f"SELECT count(), min(b), max(b), countIf(v NOT LIKE '%-''x') FROM {db}.dst").result_rows[0]
-    want = ch_client.command(f"SELECT count() FROM {db}.src WHERE b < 4000 AND b >= 100")
-    assert got == (want, 100, 3999, 0)
+    assert_copied_exactly(ch_client, db, 15600, keys=ROW,
+                          expected=f"(SELECT a, b, concat(v, '-\\'x') AS v FROM {db}.src WHERE b < 4000 AND b >= 100)")
 
 
-def test_third_party_placeholders_and_batch_events(ch_client, db, generic):
+def test_third_party_placeholders_and_batch_events(ch_client, db, copy_manager):
     events = []
 
     class Provider:
@@ -219,23 +131,23 @@ def test_third_party_placeholders_and_batch_events(ch_client, db, generic):
 
     pm.register(Provider(), name="test-provider")
     try:
-        mgr = generic(sql="INSERT INTO {db}.dst SELECT a, b, '{tenant}' FROM {db}.src WHERE {batch_range}")
+        mgr = copy_manager(sql="INSERT INTO {db}.dst SELECT a, b, '{tenant}' FROM {db}.src WHERE {batch_range}")
         mgr.run_backfill(db, 1)
     finally:
         pm.unregister(name="test-provider")
-    assert ch_client.query(f"SELECT DISTINCT v FROM {db}.dst").result_rows == [("v1",)]
+    assert_copied_exactly(ch_client, db, 20000, expected=f"(SELECT a, b, 'v1' FROM {db}.src)", unique_keys=False)
     assert len(events) == 20 and sum(e["rows"] for e in events) == 20000
     assert events[-1]["rows_processed"] == 20000
 
 
-def test_unknown_placeholder_is_named(db, generic):
-    mgr = generic(sql="INSERT INTO {db}.dst SELECT a, b, '{tennant}' FROM {db}.src WHERE {batch_range}")
+def test_unknown_placeholder_is_named(db, copy_manager):
+    mgr = copy_manager(sql="INSERT INTO {db}.dst SELECT a, b, '{tennant}' FROM {db}.src WHERE {batch_range}")
     with pytest.raises(BackfillError, match=r"unknown placeholder \{tennant\}"):
         mgr.run_backfill(db, 1)
 
 
-def test_dry_run_writes_nothing(ch_client, db, generic):
-    mgr = generic()
+def test_dry_run_writes_nothing(ch_client, db, copy_manager):
+    mgr = copy_manager()
     before = ch_client.command("SELECT count() FROM db_management.backfills")
     out = mgr.run_backfill(db, 1, dry_run=True)
     assert out["rows_remaining"] == 20000 and out["first_batch"]["rows"] == 1000
@@ -244,25 +156,25 @@ def test_dry_run_writes_nothing(ch_client, db, generic):
     assert ch_client.command(f"SELECT count() FROM {db}.dst") == 0
 
 
-def test_list_includes_discovered_and_rollback_resets(ch_client, db, generic, migrator_for):
-    mgr = generic()
+def test_list_includes_discovered_and_rollback_resets(ch_client, db, copy_manager, migrator_for):
+    mgr = copy_manager()
     mgr.run_backfill(db, 1, max_batches=1)
     [item] = mgr.list_backfills(db)
     assert (item["status"], item["rows_processed"]) == ("paused", 1000)
-    migrator_for(db, mgr.migrations_dir).down(0)
+    migrator_for(db, mgr.root).down(0)
     assert mgr.list_backfills(db)[0]["status"] == "pending"
     assert mgr.get_status(db, 1, live_counts=False)["rows_processed"] == 0
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_restart(ch_client, db, generic):
-    mgr = generic()
-    mgr.run_backfill(db, 1, max_batches=1)
+def test_corrupt_checkpoint_is_an_error_not_a_restart(ch_client, db, copy_manager):
+    mgr = copy_manager()
+    position = mgr.run_backfill(db, 1, max_batches=1)["position"]
     ch_client.command(
         "INSERT INTO db_management.backfills (backfill_id, migration_version, db_name, status, checkpoint_data, "
         f"rows_processed, version) VALUES ('{db}_1', 1, '{db}', 'paused', '{{not json', 1000, 18446744073709551000)")
     with pytest.raises(BackfillError, match="is corrupt .* reset 1 --yes"):
         mgr.run_backfill(db, 1)
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 1000
+    assert_copied_through(ch_client, db, position, 1000, keys=ROW)  # nothing more ran
 
 
 def test_escape_and_render():
@@ -272,19 +184,16 @@ def test_escape_and_render():
     assert sql == "SELECT 'it\\'s', 5, {t:String}" and params == {"t": "q'"}
 
 
-def test_heartbeat_keeps_the_lease_fresh_during_a_long_batch(ch_client, db, generic, monkeypatch):
+def test_heartbeat_keeps_the_lease_fresh_during_a_long_batch(ch_client, store_url, db, copy_manager, monkeypatch):
     """A batch longer than the lease: without a heartbeat running beside the batch the lease would go
     stale and a second runner would take over mid-batch."""
     monkeypatch.setenv("BACKFILL_LEASE_SECONDS", "0.8")
     sql = COPY_SQL + " AND sleepEachRow(0.0025) = 0"  # ~2.5 s for the one batch of 1000 rows
-    mgr = generic({"batch_size": 1000}, sql, up=SRC.replace("numbers(20000)", "numbers(1000)"))
-    own = ch_client if not hasattr(ch_client, "path") else __import__("clickhouse_connect").get_client(
-        dsn=f"chdb://{ch_client.path}")  # a second operator's own client: the runner's is busy
-    second = ClickHouseBackfillManager(own, migrations_dir=mgr.migrations_dir)
+    mgr = copy_manager({"batch_size": 1000}, sql, up=SRC.replace("numbers(20000)", "numbers(1000)"))
+    second = ClickHouseBackfillManager(own_client(store_url), migrations_dir=mgr.root)
     outcome = {}
 
     def try_second():
-        import time
         time.sleep(1.6)  # two lease lengths into the batch
         try:
             outcome["result"] = second.run_backfill(db, 1)
@@ -296,13 +205,13 @@ def test_heartbeat_keeps_the_lease_fresh_during_a_long_batch(ch_client, db, gene
     assert mgr.run_backfill(db, 1)["status"] == "completed"
     thread.join(30)
     assert "refusing a second runner" in outcome.get("error", ""), outcome
-    assert fingerprint(ch_client, f"{db}.dst") == fingerprint(ch_client, f"{db}.src")
+    assert_copied_exactly(ch_client, db, 1000, keys=ROW)
 
 
-def test_reset_keeps_first_start_params_as_defaults_and_param_overrides(ch_client, db, generic):
+def test_reset_keeps_first_start_params_as_defaults_and_param_overrides(ch_client, db, copy_manager):
     """A cutover-like param recomputed after a reset would describe the copy, not the deploy."""
     sql = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND b < {limit}"
-    mgr = generic({"params": {"limit": {"sql": "SELECT count() FROM {db}.dst"}}}, sql)
+    mgr = copy_manager({"params": {"limit": {"sql": "SELECT count() FROM {db}.dst"}}}, sql)
     mgr.run_backfill(db, 1, params={"limit": "3000"})
     mgr.reset_backfill(db, 1)
     ch_client.command(f"TRUNCATE TABLE {db}.dst")

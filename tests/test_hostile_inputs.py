@@ -20,11 +20,15 @@ from backfill_plugin.meta import load_spec
 from backfill_plugin.render import render
 from migrator.discovery import discover
 from migrator.errors import MigrateError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_migrate  # noqa: E402  (the subprocess runner the `cli` fixture uses)
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import (
+    REPO,
+    assert_copied_exactly,
+    assert_copied_through,
+    fingerprint,
+    fingerprint_sql,
+    run_migrate,
+    store_query,
+)
 
 # A migration's `{db}` is substituted even inside literals, so the key '{db}' is spelled '{' || 'db}'.
 PREFIXES = r"""['', 'it''s', 'back\\slash', 'new\nline', 'tab\tcr\r', 'üñí ✓ 日本', '"dq"', 'x\\''y', '\\''', '{' || 'db}']"""
@@ -52,24 +56,18 @@ META = {"migration_version": 1, "batch_size": 100, "min_batch_size": 10, "checkp
 ALLOWED = ("migration_version, batch_size, checkpoint_columns, source_table, description, timeout_seconds, "
            "run_on_startup, max_retries, min_batch_size, settings, params")
 
-DUMP = r"""
-import json, sys, clickhouse_connect
-client = clickhouse_connect.get_client(dsn=sys.argv[1])
-rows = client.query("SELECT * FROM db_management.backfills ORDER BY version").result_rows
-fp = client.query("SELECT count(), groupBitXor(cityHash64(a, b, v)), sum(cityHash64(a, b, v)) FROM d.dst").result_rows[0]
-src = client.query("SELECT count(), groupBitXor(cityHash64(a, b, v)), sum(cityHash64(a, b, v)) FROM d.src").result_rows[0]
-dups = client.command("SELECT count() FROM (SELECT a, b FROM d.dst GROUP BY a, b HAVING count() > 1)")
-print(json.dumps({"rows": [[str(v) for v in r] for r in rows], "dst": [int(x) for x in fp],
-                  "src": [int(x) for x in src], "dups": int(dups)}))
-"""
-
-
 def dump(store: Path) -> dict:
-    """Every tracking row and the target's fingerprint, read by a subprocess (one store per process)."""
-    proc = subprocess.run([sys.executable, "-c", DUMP, f"chdb://{store}"], capture_output=True, text=True,
-                          timeout=120, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """Every tracking row, and the fingerprints (every column, duplicated keys) of the source and the
+    target, read by a subprocess (one store per process)."""
+    rows, dst, src = store_query(store, "SELECT * FROM db_management.backfills ORDER BY version",
+                                 fingerprint_sql("d.dst"), fingerprint_sql("d.src"))
+    return {"rows": rows, "dst": dst[0], "src": src[0], "dups": dst[0][3]}
+
+
+def tracking_rows(client, db: str) -> tuple:
+    """(rows, newest version) of backfill {db}_1 in the tracking table: a claim or any write shows."""
+    return client.query("SELECT count(), max(version) FROM db_management.backfills WHERE backfill_id = {b:String}",
+                        parameters={"b": f"{db}_1"}).result_rows[0]
 
 
 def one_line_error(proc) -> str:
@@ -350,12 +348,11 @@ def test_meta_that_does_not_fit_the_source_is_refused_before_any_write(ch_client
     migrator_for(db, root).up()
     (root / "001_x.backfill.meta").write_text(json.dumps({**META, **change}))
     manager = ClickHouseBackfillManager(ch_client, migrations_dir=root)
-    before = manager.store.load(f"{db}_1")
+    before = tracking_rows(ch_client, db)
     with pytest.raises(BackfillError) as info:
         manager.run_backfill(db, 1)
     assert str(info.value) == message.format(meta=root / "001_x.backfill.meta", db=db)
-    after = manager.store.load(f"{db}_1")
-    assert (after and after.version) == (before and before.version)  # not even a claim was written
+    assert tracking_rows(ch_client, db) == before  # not even a claim was written
     assert ch_client.command(f"SELECT count() FROM {db}.dst") == 0
 
 
@@ -396,8 +393,8 @@ def test_unknown_placeholder_is_named_before_any_write(ch_client, db, migrations
     root = migrations(1, "x", UP, DOWN, COPY, META)
     migrator_for(db, root).up()
     manager = ClickHouseBackfillManager(ch_client, migrations_dir=root)
-    manager.run_backfill(db, 1, max_batches=2)
-    done = manager.store.load(f"{db}_1")
+    position = manager.run_backfill(db, 1, max_batches=2)["position"]
+    done = tracking_rows(ch_client, db)
     (root / "001_x.backfill.sql").write_text(sql)
     with pytest.raises(BackfillError) as info:
         manager.run_backfill(db, 1)
@@ -407,11 +404,11 @@ def test_unknown_placeholder_is_named_before_any_write(ch_client, db, migrations
     known = message.split("(known: ", 1)[1].rstrip(")").split(", ")
     assert {"db", "batch_size", "retry_count", "batch_range", "checkpoint_a", "checkpoint_b",
             "batch_end_a", "batch_end_b"} <= set(known)
-    assert manager.store.load(f"{db}_1").version == done.version  # not even a claim was written
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 200
+    assert tracking_rows(ch_client, db) == done  # not even a claim was written
+    assert_copied_through(ch_client, db, position, 200)
     (root / "001_x.backfill.sql").write_text(COPY)
     assert manager.run_backfill(db, 1)["stopped"] == "completed"
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == ROWS
+    assert_copied_exactly(ch_client, db, ROWS)
 
 
 @pytest.mark.parametrize("sql, problem", [
@@ -527,7 +524,7 @@ def test_corrupt_checkpoint_in_process_names_the_row_and_runs_nothing(ch_client,
     root = migrations(1, "x", UP, DOWN, COPY, META)
     migrator_for(db, root).up()
     manager = ClickHouseBackfillManager(ch_client, migrations_dir=root)
-    manager.run_backfill(db, 1, max_batches=2)
+    position = manager.run_backfill(db, 1, max_batches=2)["position"]
     version = next_version()
     ch_client.command("INSERT INTO db_management.backfills (backfill_id, migration_version, db_name, status, "
                       "checkpoint_data, rows_processed, version) VALUES ({b:String}, 1, {d:String}, 'running', "
@@ -542,28 +539,34 @@ def test_corrupt_checkpoint_in_process_names_the_row_and_runs_nothing(ch_client,
         with pytest.raises(BackfillError) as info:
             call()
         assert str(info.value) == expected
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 200
-    assert ch_client.command("SELECT max(version) FROM db_management.backfills WHERE backfill_id = {b:String}",
-                             parameters={"b": f"{db}_1"}) == version
+    assert_copied_through(ch_client, db, position, 200)  # nothing ran
+    assert tracking_rows(ch_client, db)[1] == version
     manager.reset_backfill(db, 1)  # the other remedy the message names: start over
     assert manager.run_backfill(db, 1)["stopped"] == "completed"
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == ROWS  # the replayed ranges were deduplicated
+    assert_copied_exactly(ch_client, db, ROWS)  # the replayed ranges were deduplicated
 
 
 def test_lease_with_fields_no_runner_writes_is_taken_over(ch_client, db, migrations, migrator_for):
-    """A lease whose heartbeat and pid are not numbers (hand-edited) is not a live runner: no crash."""
+    """A lease whose heartbeat and pid are not numbers (hand-edited) is not a live runner: no crash.
+    The hand edit is a new tracking row written with SQL, as an operator would."""
     import socket
+
+    from migrator.tracking import next_version
     root = migrations(1, "x", UP, DOWN, COPY, META)
     migrator_for(db, root).up()
     manager = ClickHouseBackfillManager(ch_client, migrations_dir=root)
     manager.run_backfill(db, 1, max_batches=1)
-    row = manager.store.load(f"{db}_1")
-    row.status = "running"
-    row.checkpoint["lease"] = {"owner": "someone", "host": socket.gethostname(), "pid": "abc", "heartbeat": "soon"}
-    manager.store.save(row)
+    checkpoint = manager.get_status(db, 1, live_counts=False)["checkpoint"]
+    checkpoint["lease"] = {"owner": "someone", "host": socket.gethostname(), "pid": "abc", "heartbeat": "soon"}
+    ch_client.command("INSERT INTO db_management.backfills (backfill_id, migration_version, db_name, status, "
+                      "checkpoint_data, rows_processed, version, writer) VALUES ({b:String}, 1, {d:String}, "
+                      "'running', {c:String}, {r:UInt64}, {v:UInt64}, 'someone')",
+                      parameters={"b": f"{db}_1", "d": db, "c": json.dumps(checkpoint),
+                                  "r": checkpoint["rows_processed"], "v": next_version()})
+    assert manager.get_status(db, 1, live_counts=False)["lease"]["pid"] == "abc"
     result = ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1)
     assert result["stopped"] == "completed" and result["rows_processed"] == ROWS
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == ROWS
+    assert_copied_exactly(ch_client, db, ROWS)
 
 
 # -- database names --------------------------------------------------------------------------------
@@ -607,26 +610,38 @@ def test_rendered_values_round_trip_through_the_engine(ch_client, value):
     assert n == 42
 
 
+PLACEHOLDER_COLUMNS = "end_lit String, end_bound String, cp_lit String"  # what the batch SQL rendered
+
+
 def test_hostile_keys_in_one_key_column_with_ties_and_placeholders(ch_client, db, migrations, migrator_for):
     """checkpoint_columns ["a"]: every row of a key lands in one batch (LIMIT WITH TIES) even across parts;
-    {checkpoint_a}, {batch_end_a} inside '...' and {batch_end_a:String} bound must all hold exactly."""
-    sql = (COPY + " AND a <= '{batch_end_a}' AND a <= {batch_end_a:String}"
-           " AND ({retry_count} > 0 OR '{checkpoint_a}' = '' OR a > '{checkpoint_a}')")
+    {checkpoint_a}, {batch_end_a} inside '...' and {batch_end_a:String} bound must all hold exactly. The
+    SQL selects with {batch_range} alone and writes the rendered placeholders beside each row, so a
+    range bug and a rendering bug both show."""
+    sql = ("INSERT INTO {db}.dst SELECT a, b, v, '{batch_end_a}', {batch_end_a:String}, '{checkpoint_a}' "
+           "FROM {db}.src WHERE {batch_range}")
     rows = 600  # 60 keys of 10 rows, group 0 holding the bare hostile prefixes
-    root = migrations(1, "x", up_sql(rows), DOWN, sql, {**META, "checkpoint_columns": ["a"], "batch_size": 5,
-                                                        "min_batch_size": 1})
+    up = up_sql(rows).replace("{db}.dst (a String, b UInt32, v String)",
+                              f"{{db}}.dst (a String, b UInt32, v String, {PLACEHOLDER_COLUMNS})")
+    root = migrations(1, "x", up, DOWN, sql,
+                      {**META, "checkpoint_columns": ["a"], "batch_size": 5, "min_batch_size": 1})
     migrator_for(db, root).up()
     batches = []
     manager = ClickHouseBackfillManager(ch_client, migrations_dir=root)
     result = manager.run_backfill(db, 1, on_batch=lambda summary, event: batches.append(event))
     assert result["stopped"] == "completed"
     assert result["rows_processed"] == rows
-    src = ch_client.query(f"SELECT count(), groupBitXor(cityHash64(a, b, v)) FROM {db}.src").result_rows[0]
-    dst = ch_client.query(f"SELECT count(), groupBitXor(cityHash64(a, b, v)) FROM {db}.dst").result_rows[0]
-    assert dst == src
+    got = fingerprint(ch_client, f"(SELECT a, b, v FROM {db}.dst)")
+    assert got == fingerprint(ch_client, f"{db}.src") and got[0] == rows and got[3] == 0
+    # each batch is one whole key, and the rendered bounds are the framework's
+    checks = ch_client.query(f"SELECT countIf(a != end_lit), countIf(end_bound != end_lit), "
+                             f"countIf(a <= cp_lit AND NOT (a = '' AND cp_lit = '')) FROM {db}.dst").result_rows
+    assert checks == [(0, 0, 0)]
     ends = [e["range_end"][0] for e in batches]
     assert len(ends) == len(set(ends))
     assert all(e["rows"] == 10 for e in batches)  # LIMIT 5 WITH TIES: each batch is one whole key (10 rows)
+    rendered = set(ch_client.query(f"SELECT DISTINCT end_lit, cp_lit FROM {db}.dst").result_rows)
+    assert rendered == {(e["range_end"][0], (e["range_start"] or [""])[0]) for e in batches}
     keys = {k for (k,) in ch_client.query(f"SELECT DISTINCT a FROM {db}.src").result_rows}
     assert {"", "it's", "back\\slash", "new\nline", "tab\tcr\r", "üñí ✓ 日本", "x\\'y", "\\'", "{db}"} <= keys
     assert set(ends) == keys  # every hostile value was a batch end, rendered into the SQL
@@ -645,9 +660,11 @@ def test_binary_keys_fixedstring_and_bytes_that_are_not_utf8_copy_exactly(ch_cli
     """Key bytes that are not UTF-8 (\\xFF, a lone \\xC3, NUL) and FixedString padding: read exactly,
     stored in the checkpoint, rendered as '\\xHH' inside '...' and bound as {name:String}. (They came
     back from clickhouse-connect as hex text and FixedString as bytes: an endless loop and an error.)"""
-    sql = ("INSERT INTO {db}.dst SELECT k, f, n FROM {db}.src WHERE {batch_range} AND k <= {batch_end_k:String}"
-           " AND k <= '{batch_end_k}' AND ('{checkpoint_k}' = '' OR k >= '{checkpoint_k}')")
-    root = migrations(1, "x", BINARY_UP, DOWN, sql, {**META, "checkpoint_columns": ["k", "f"], "batch_size": 40,
+    sql = ("INSERT INTO {db}.dst SELECT k, f, n, '{batch_end_k}', {batch_end_k:String}, '{checkpoint_k}' "
+           "FROM {db}.src WHERE {batch_range}")  # the range alone; the rendered placeholders kept beside each row
+    up = BINARY_UP.replace("{db}.dst (k String, f FixedString(3), n UInt32)",
+                           f"{{db}}.dst (k String, f FixedString(3), n UInt32, {PLACEHOLDER_COLUMNS})")
+    root = migrations(1, "x", up, DOWN, sql, {**META, "checkpoint_columns": ["k", "f"], "batch_size": 40,
                                                        "min_batch_size": 1})
     migrator_for(db, root).up()
     first = ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1, max_batches=8)
@@ -656,9 +673,14 @@ def test_binary_keys_fixedstring_and_bytes_that_are_not_utf8_copy_exactly(ch_cli
     # reloads the position; bounded, since a key read back wrong loops on one range forever
     result = ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1, max_batches=60)
     assert result["stopped"] == "completed" and result["rows_processed"] == 700
-    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 700
-    for a, b in (("src", "dst"), ("dst", "src")):
-        assert ch_client.command(f"SELECT count() FROM (SELECT * FROM {db}.{a} EXCEPT SELECT * FROM {db}.{b})") == 0
+    got = fingerprint(ch_client, f"(SELECT k, f, n FROM {db}.dst)", keys="k, f, n")
+    assert got == fingerprint(ch_client, f"{db}.src", keys="k, f, n") and got[0] == 700 and got[3] == 0
+    for a, b in ((f"{db}.src", f"(SELECT k, f, n FROM {db}.dst)"), (f"(SELECT k, f, n FROM {db}.dst)", f"{db}.src")):
+        assert ch_client.command(f"SELECT count() FROM (SELECT * FROM {a} EXCEPT SELECT * FROM {b})") == 0
+    # the bytes rendered into '...' and bound as {name:String} are the batch end; rows lie in (checkpoint, end]
+    assert ch_client.query(f"SELECT countIf(end_bound != end_lit), countIf(k > end_lit), countIf(k < cp_lit) "
+                           f"FROM {db}.dst").result_rows == [(0, 0, 0)]
+    assert ch_client.command(f"SELECT uniqExact(end_lit) FROM {db}.dst") > 8
 
 
 def test_cli_hostile_param_and_keys_copy_exactly(cli, migrations):

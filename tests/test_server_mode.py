@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import uuid
@@ -24,15 +24,31 @@ from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
 from migrator import connection
 from migrator.runner import Context, Migrator
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_faults import (ANTI_JOIN, COPY_SQL, DOWN_SQL, OOM_SETTINGS, OOM_SQL, OOM_UP, PARTIAL_COMMIT,  # noqa: E402
-                         DiesAfterInsert, Lines, ProcessDied, Recording, Runner, meta, simple_up, source_sql,
-                         wait_until)
+from tests.conftest import (
+    DOWN_SQL,
+    MIGRATE,
+    REPO,
+    DiesAfterInsert,
+    Lines,
+    ProcessDied,
+    Recording,
+    Runner,
+    assert_copied_exactly,
+    wait_until,
+)
+from tests.test_faults import (
+    ANTI_JOIN,
+    COPY_SQL,
+    OOM_SETTINGS,
+    OOM_SQL,
+    OOM_UP,
+    PARTIAL_COMMIT,
+    meta,
+    simple_up,
+    source_sql,
+)
 
 pytestmark = pytest.mark.server
-REPO = Path(__file__).resolve().parent.parent
-MIGRATE = [sys.executable, "-m", "migrator"]
 IMAGE = os.environ.get("CLICKHOUSE_IMAGE", "clickhouse/clickhouse-server:24.8")
 
 
@@ -109,12 +125,7 @@ def setup(server, sdb, tmp_path):
     return make
 
 
-def exact(client, db: str, rows: int) -> None:
-    fp = "SELECT count(), groupBitXor(cityHash64(a, b, v)), sum(cityHash64(a, b, v)) FROM {}"
-    src = client.query(fp.format(f"{db}.src")).result_rows[0]
-    dst = client.query(fp.format(f"{db}.dst")).result_rows[0]
-    assert src[0] == rows and dst == src
-    assert client.command(f"SELECT count() FROM (SELECT a, b FROM {db}.dst GROUP BY a, b HAVING count() > 1)") == 0
+exact = assert_copied_exactly  # every column compared, no key twice
 
 
 # -- in-process, on the server ---------------------------------------------------------------------
@@ -128,7 +139,7 @@ def test_hostile_composite_keys_copied_exactly_once(server, sdb, setup):
 
 @pytest.mark.parametrize("replay", ["token", "anti-join"])
 def test_crash_between_insert_and_checkpoint_replays_without_duplicates(server, sdb, setup, monkeypatch, replay):
-    """Injected fault (see test_faults.DiesAfterInsert): the process 'dies' right after an INSERT."""
+    """Injected fault (see conftest.DiesAfterInsert): the process 'dies' right after an INSERT."""
     rows = 1_000
     root = setup(rows, 100, sql=COPY_SQL + (ANTI_JOIN if replay == "anti-join" else ""))
     monkeypatch.setenv("BACKFILL_LEASE_SECONDS", "0.5")
@@ -145,7 +156,8 @@ def test_crash_between_insert_and_checkpoint_replays_without_duplicates(server, 
 
 
 def test_transient_error_after_a_partial_commit_is_retried_without_duplicates(server, sdb, setup):
-    """A real throwIf (395) on the first attempt only (the target is empty then), mid-batch."""
+    """A real throwIf (395) on the first attempt only (the target is empty then), mid-batch. Only time
+    is replaced: `sleep` records the backoff instead of waiting it out."""
     rows = 40_000
     sql = COPY_SQL + " AND throwIf((SELECT count() FROM {db}.dst) = 0 AND a = 'k020000') = 0"
     root = setup(rows, 32_768, sql=sql, up=simple_up(rows), min_batch_size=1000, settings=PARTIAL_COMMIT)
@@ -171,7 +183,7 @@ def test_pause_from_another_client_and_second_runner_refused(server, server_url,
     runner = Runner(ClickHouseBackfillManager(server, migrations_dir=root), sdb)
     runner.start()
     other = ClickHouseBackfillManager(connection.connect(connection.resolve(server_url)), migrations_dir=root)
-    wait_until(lambda: (other.store.load(f"{sdb}_1").checkpoint.get("batches_completed", 0) >= 2))
+    wait_until(lambda: other.get_status(sdb, 1, live_counts=False)["batches_completed"] >= 2)
     with pytest.raises(BackfillError, match="refusing a second runner"):
         other.run_backfill(sdb, 1)
     other.pause_backfill(sdb, 1)
@@ -225,3 +237,36 @@ def test_kill_9_pause_and_status_from_other_processes(request, server, server_ur
     assert done.returncode == 0, done.stderr
     exact(server, sdb, rows)
     print(f"server mode: {kills} kill points survived, {rows:,} rows compared")
+
+
+def test_lease_between_two_processes_refuses_then_takes_over_when_stale(server, server_url, sdb, setup):
+    """Two runner processes on one server, where no store lock stands between them: only the lease does.
+    The second is refused while the first heartbeats; then the first is frozen (SIGSTOP: its pid is
+    alive, its heartbeat stops) and the second takes over once the lease is stale. The target ends exact."""
+    rows, lease = 6_000, 3.0
+    root = setup(rows, 100, sql=COPY_SQL + " AND sleepEachRow(0.0005) = 0")
+    env = {**_env(server_url, sdb, root), "BACKFILL_LEASE_SECONDS": str(lease)}
+
+    def migrate(*args, timeout=300):
+        return subprocess.run(MIGRATE + list(args), env=env, cwd=str(REPO), capture_output=True, text=True,
+                              timeout=timeout)
+
+    first = subprocess.Popen(MIGRATE + ["backfill", "run", "1"], env=env, cwd=str(REPO), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        Lines(first).wait_for("batch ", count=2)
+        refused = migrate("backfill", "run", "1")
+        assert refused.returncode == 1, refused.stderr
+        assert "refusing a second runner" in refused.stderr and "Traceback" not in refused.stderr
+        first.send_signal(signal.SIGSTOP)
+        status = json.loads(migrate("backfill", "status", "1", "--json").stdout)
+        assert status["lease"]["pid"] == first.pid
+        heartbeat = float(status["lease"]["heartbeat"])
+        wait_until(lambda: time.time() > heartbeat + lease + 0.5)  # no heartbeat from a frozen runner
+        took_over = migrate("backfill", "run", "1")
+        assert took_over.returncode == 0, took_over.stderr
+        assert "completed" in took_over.stdout
+    finally:
+        first.kill()  # also ends a stopped process
+        first.wait(timeout=60)
+    exact(server, sdb, rows)
