@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-server lint mutation-check bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+# Break one guarantee at a time in a temporary copy; every mutation must make a test fail.
+mutation-check: $(STAMP)
+	$(BIN)/python tests/mutation_check.py
+
+# The server suites: CLICKHOUSE_URL=http://user@host:8123 (and CLICKHOUSE_CLUSTER_URL / MIGRATE_CLUSTER),
+# or Docker for testcontainers; without either they are skipped with their reason.
+test-server: $(STAMP)
+	$(BIN)/python -m pytest -q -m "server or not server" -rs tests/test_server_mode.py tests/test_cluster_server.py
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" -s

@@ -203,7 +203,7 @@ def _held_by_other(app: App) -> bool:
     if not app.target.embedded:
         return False
     try:
-        app.client
+        app.client  # noqa: B018 - opening the store is the test
         return False
     except connection.StoreHeld:
         return True

@@ -5,11 +5,13 @@ A second runner is refused while the lease is fresh; a lease whose heartbeat is 
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
 
+log = logging.getLogger("backfill")
 DEFAULT_SECONDS = 60.0
 
 
@@ -62,8 +64,8 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
-            except Exception:  # a missed heartbeat only risks a takeover, which the lease check catches
-                pass
+            except Exception as exc:  # a missed heartbeat only risks a takeover, which the lease check catches
+                log.debug("heartbeat write failed: %s", exc)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .errors import MigrateError, error_code
 

@@ -1,9 +1,9 @@
 """Apply and roll back migrations, with golang-migrate's honesty about a half-applied version."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import cluster as clustering
 from . import tracking

@@ -61,7 +61,7 @@ def assert_row_for_row(store, cutover: str, new_key) -> None:
         f"EXCEPT {backfilled})",
         f"SELECT count() FROM ({backfilled} EXCEPT SELECT {COLS} FROM ({final}))",
         "SELECT count() - uniqExact(project_id, id) FROM d.calls_complete",
-        f"SELECT count() FROM d.calls_complete WHERE output_dump = 'new path'")
+        "SELECT count() FROM d.calls_complete WHERE output_dump = 'new path'")
     assert (missing, extra, dupes, kept) == ([[0]], [[0]], [[0]], [[1]])
 
 

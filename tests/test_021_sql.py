@@ -109,7 +109,7 @@ def validate(client, db, *, cutover: str = CUTOVER_TEXT) -> dict:
     """{check name: (expected, actual, ok)} from the validation SQL."""
     out = {}
     for chunk in VALIDATE.split(";"):
-        if not "\n".join(l for l in chunk.splitlines() if not l.strip().startswith("--")).strip():
+        if not "\n".join(ln for ln in chunk.splitlines() if not ln.strip().startswith("--")).strip():
             continue
         result = client.query(render(chunk, db, cutover=cutover))
         assert result.column_names == ("check", "expected", "actual", "ok")

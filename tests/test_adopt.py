@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_migrate
+
 from migrator import tracking
 
 OLD_DDL = """

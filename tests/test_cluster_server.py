@@ -10,10 +10,10 @@ import os
 import uuid
 
 import pytest
+from test_migrator_cluster import Recorder  # the passthrough proxy that records SQL
 
 from migrator import connection, tracking
 from migrator.runner import Context, Migrator
-from test_migrator_cluster import Recorder  # the passthrough proxy that records SQL
 
 pytestmark = pytest.mark.server
 

@@ -9,13 +9,13 @@ import json
 import re
 
 import pytest
-
 from conftest import run_migrate
+from test_migrator import inspect_store
+
 from migrator import cluster as clustering
 from migrator import tracking
 from migrator.errors import MigrateError
 from migrator.sqltext import on_cluster
-from test_migrator import inspect_store
 
 DDL_RE = re.compile(r"^\s*(CREATE|ALTER|DROP|RENAME|TRUNCATE|EXCHANGE|ATTACH|DETACH)\b", re.IGNORECASE)
 

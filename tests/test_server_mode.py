@@ -106,7 +106,7 @@ def sdb(server):
     server.command(f"DROP DATABASE IF EXISTS {name}")
     try:  # the tracking rows of this test's database
         server.command("DELETE FROM db_management.backfills WHERE db_name = {d:String}", parameters={"d": name})
-    except Exception:  # noqa: BLE001 - cleanup only
+    except Exception:  # noqa: BLE001, S110 - cleanup only
         pass
 
 
