@@ -32,6 +32,13 @@ def tagged(sql: str, backfill_id: str, token: str, attempt: int, owner: str) -> 
     return f"{marker(backfill_id)}range={token} attempt={attempt} owner={owner} */\n{sql}"
 
 
+def untagged(sql: str) -> str:
+    """The batch SQL without its attempt marker (the same for every attempt of a range)."""
+    if sql.startswith(f"/* {MARKER} "):
+        return sql.split("*/\n", 1)[1]
+    return sql
+
+
 class Attempts:
     """Find and kill a backfill's running attempts on the server (on every replica of `cluster`)."""
 

@@ -93,7 +93,7 @@ class KeySpace:
         outer = ", ".join(self._exact(c, f"_k{i}") for i, c in enumerate(self.columns))
         keys = ", ".join(f"_k{i}" for i in range(len(self.columns)))
         advances = "1" if position is None else f"tuple({keys}) > {self._typed(position)}"
-        row = client.query(f"SELECT {outer}, {advances}, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
+        row = client.query(f"SELECT {outer}, {advances} AS _advances, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
                            query_formats=_RAW).result_rows[0]
         if not row[-1]:
             return None
@@ -106,7 +106,7 @@ class KeySpace:
 
     def at_or_before(self, client, key: list, limit: list) -> bool:
         """`key` <= `limit` in the table's own order (read only after a failed attempt)."""
-        return bool(client.command(f"SELECT {self._typed(key)} <= {self._typed(limit)}"))
+        return bool(client.command(f"SELECT {self._typed(key)} <= {self._typed(limit)} AS within"))
 
     def remaining(self, client, position: list | None) -> int:
         """Source rows past the position (for progress and ETA; not run per batch)."""

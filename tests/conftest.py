@@ -23,6 +23,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 
+from backfill_plugin.attempt import untagged
 from migrator import connection
 from migrator.runner import Context, Migrator
 
@@ -234,9 +235,9 @@ class DiesAfterInsert:
         if self.dead:
             raise ConnectionError("process is gone")
         out = self.client.command(sql, *args, **kwargs)
-        if sql.lstrip().startswith(f"INSERT INTO {self.target}"):
+        if untagged(sql).lstrip().startswith(f"INSERT INTO {self.target}"):
             self.inserts += 1
-            self.tokens.append((sql, (kwargs.get("settings") or {}).get("insert_deduplication_token")))
+            self.tokens.append((untagged(sql), (kwargs.get("settings") or {}).get("insert_deduplication_token")))
             if self.inserts == self.at:
                 self.dead = True
                 raise ProcessDied()
@@ -261,8 +262,8 @@ class Recording:
         self.client, self.target, self.inserts = client, target, []
 
     def command(self, sql, *args, **kwargs):
-        if sql.lstrip().startswith(f"INSERT INTO {self.target}"):
-            self.inserts.append((sql, (kwargs.get("settings") or {}).get("insert_deduplication_token")))
+        if untagged(sql).lstrip().startswith(f"INSERT INTO {self.target}"):
+            self.inserts.append((untagged(sql), (kwargs.get("settings") or {}).get("insert_deduplication_token")))
         return self.client.command(sql, *args, **kwargs)
 
     def __getattr__(self, name):

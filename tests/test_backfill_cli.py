@@ -145,7 +145,7 @@ def test_status_and_pause_from_a_second_process_on_the_embedded_store(tmp_path, 
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "paused (paused)" in out and "resume with 'migrate backfill resume 1'" in out
+    assert "backfill 1: paused;" in out and "resume with 'migrate backfill resume 1'" in out
     final = json.loads(run_migrate(["backfill", "status", "1", "--json"], store, migrations_dir=root).stdout)
     assert final["status"] == "paused" and final["rows_processed"] < 5000
     assert run_migrate(["backfill", "resume", "1"], store, migrations_dir=root).returncode == 0

@@ -218,7 +218,7 @@ def test_signal_pauses_at_a_batch_boundary_and_resume_completes(copy_in_own_stor
     assert_store_copied_through(store, status["checkpoint"]["position"], status["rows_processed"])
     proc = migrate(store, root, "backfill", "resume", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "backfill 1: completed (completed)" in proc.stdout
+    assert "backfill 1: completed;" in proc.stdout
     assert_store_copied_exactly(store, rows)
 
 
@@ -268,7 +268,7 @@ def test_two_runners_started_at_the_same_instant_exactly_one_runs(copy_in_own_st
     winners = [r for r in results if r[0] == 0]
     losers = [r for r in results if r[0] != 0]
     assert len(winners) == 1 and len(losers) == 1, results
-    assert "backfill 1: completed (completed)" in winners[0][1]
+    assert "backfill 1: completed;" in winners[0][1]
     code, out, err = losers[0]
     assert code == 1
     assert "Traceback" not in err
@@ -327,7 +327,7 @@ def test_runner_killed_with_a_fresh_lease_is_taken_over(copy_in_own_store):
     assert lease["pid"] == proc.pid  # the dead runner still "holds" a lease younger than its timeout
     proc = migrate(store, root, "backfill", "resume", "1", BACKFILL_LEASE_SECONDS="2")
     assert proc.returncode == 0, proc.stderr
-    assert "backfill 1: completed (completed)" in proc.stdout
+    assert "backfill 1: completed;" in proc.stdout
     assert_store_copied_exactly(store, rows)
 
 

@@ -652,7 +652,8 @@ CREATE TABLE {db}.src (k String, f FixedString(3), n UInt32) ENGINE = MergeTree 
 INSERT INTO {db}.src SELECT concat(unhex(['FF', 'C3', 'E282', '', '00', 'C3A9', '5C27']::Array(String)[number % 7 + 1]),
     toString(number % 5)), toFixedString(unhex(['', '00', 'FF', '27', '5C00'][number % 5 + 1]), 3), toUInt32(number)
     FROM numbers(700);
-CREATE TABLE {db}.dst (k String, f FixedString(3), n UInt32) ENGINE = MergeTree ORDER BY (k, f, n);
+CREATE TABLE {db}.dst (k String, f FixedString(3), n UInt32) ENGINE = MergeTree ORDER BY (k, f, n)
+    SETTINGS non_replicated_deduplication_window = 1000;
 """
 
 
@@ -694,7 +695,7 @@ def test_cli_hostile_param_and_keys_copy_exactly(cli, migrations):
     assert proc.returncode == 0, proc.stderr
     dry = cli("backfill", "run", "1", "--dry-run", "--param", f"tag={hostile}", migrations_dir=root)
     assert dry.returncode == 0, dry.stderr
-    assert "it\\'s a \\\\\\'quoted\\\\\\' \n ü {db} value" in dry.stdout  # escaped for '...'
+    assert "it\\'s a \\\\\\'quoted\\\\\\' \\n ü {db} value" in dry.stdout  # escaped for '...'
     proc = cli("backfill", "run", "1", "--param", f"tag={hostile}", migrations_dir=root)
     assert proc.returncode == 0, proc.stderr
     after = dump(cli.store)

@@ -1,4 +1,5 @@
--- The target: the same events labelled with the tenant they belong to.
+-- The target: the same events labelled with the tenant they belong to. The dedup window lets
+-- ClickHouse drop a replayed batch by its insert_deduplication_token (the backfill checks it).
 CREATE TABLE {db}.tenant_events
 (
     tenant String,
@@ -7,4 +8,5 @@ CREATE TABLE {db}.tenant_events
     payload String
 )
 ENGINE = MergeTree
-ORDER BY (tenant, id);
+ORDER BY (tenant, id)
+SETTINGS non_replicated_deduplication_window = 1000;
