@@ -10,6 +10,7 @@ from .cli import backfill
 @click.group(cls=click.Group, commands=backfill.commands, help=backfill.help)
 @global_options
 def main():
+    """`python -m backfill_plugin`: the backfill group with the same global options."""
     pass
 
 

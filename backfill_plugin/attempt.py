@@ -29,6 +29,7 @@ def marker(backfill_id: str) -> str:
 
 
 def tagged(sql: str, backfill_id: str, token: str, attempt: int, owner: str) -> str:
+    """Prefix the SQL with the marker that makes this attempt findable in system.processes."""
     return f"{marker(backfill_id)}range={token} attempt={attempt} owner={owner} */\n{sql}"
 
 
@@ -97,6 +98,7 @@ class BatchExecution:
         self.owner, self.sleep = owner, sleep
 
     def execute(self) -> Batch:
+        """Attempts until one commits; returns the batch that committed (smaller after an OOM)."""
         run, meta, tries = self.run, self.run.spec.meta, 0
         number = 0  # attempts of this batch by this runner (the marker names it)
         while True:

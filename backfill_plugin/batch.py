@@ -22,10 +22,12 @@ class Batch:
     first_attempt_at: float | None = None  # when this range first ran: a replay must stay in the dedup window
 
     def to_json(self) -> dict:
+        """The form stored in the checkpoint's `in_flight`."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> Batch:
+        """Read an `in_flight` range back; fields older checkpoints lack get defaults."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**{"rows": 0, "batch_size": 0, **known})
 

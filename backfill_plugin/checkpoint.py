@@ -40,11 +40,30 @@ STATUSES = ("pending", "running", "paused", "completed", "failed")
 
 
 def backfill_id(database: str, version: int) -> str:
+    """One id per database and version: the key of every tracking row."""
     return f"{database}_{version}"
 
 
 def utcnow() -> datetime:
+    """Naive UTC, as DateTime64 columns store it."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def new_checkpoint(spec) -> dict:
+    """The checkpoint of a backfill that has not run: no position, the meta's batch size."""
+    return {"position": None, "in_flight": None, "rows_processed": 0, "batches_completed": 0,
+            "current_batch_size": spec.meta["batch_size"], "started_at": None, "last_updated": None,
+            "params": None, "recent": []}
+
+
+def state_client(client):
+    """Checkpoint writes (the heartbeat's too) need their own chDB handle: a handle runs one query
+    at a time, and a batch may hold it for minutes. Server clients without a session are shared."""
+    path = getattr(client, "path", None)
+    if type(client).__name__ == "ChdbClient" and path and path != ":memory:":
+        import clickhouse_connect
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+    return client
 
 
 @dataclass
@@ -96,6 +115,7 @@ class CheckpointStore:
         self._exists = False
 
     def exists(self) -> bool:
+        """Whether the tracking table is there (asked once; read-only commands must not create it)."""
         if not self._exists:
             self._exists = bool(self.client.command(f"EXISTS TABLE {TABLE}"))
         return self._exists
@@ -134,6 +154,7 @@ class CheckpointStore:
         return Row(checkpoint=checkpoint, **data)
 
     def load(self, bid: str) -> Row | None:
+        """The newest row of one backfill, or None if it was never registered."""
         rows = self._select("backfill_id = {b:String}", {"b": bid})
         return self._row(rows[0]) if rows else None
 

@@ -22,11 +22,13 @@ from .errors import BackfillError
 
 
 def control_for(app: App) -> ControlChannel | None:
+    """The flag-file channel beside an embedded store (None for a server)."""
     directory = connection.control_dir(app.target)
     return ControlChannel(directory) if directory else None
 
 
 def manager(app: App):
+    """The manager for this command line's target, built the same way the hooks build it."""
     from .plugin import manager_for
     return manager_for(app.client, app.migrations_dir, app.cluster, app.target)
 

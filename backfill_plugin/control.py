@@ -24,6 +24,7 @@ class ControlChannel:
         return self.dir / f"pause-{bid}"
 
     def write_status(self, bid: str, status: dict) -> None:
+        """Publish the runner's status atomically for `status` in another terminal."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._status(bid)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -31,18 +32,21 @@ class ControlChannel:
         os.replace(tmp, path)  # readers never see a half-written file
 
     def read_status(self, bid: str) -> dict | None:
+        """The last status a runner published (None if there is none or it is unreadable)."""
         try:
             return json.loads(self._status(bid).read_text())
         except (OSError, ValueError):
             return None
 
     def request_pause(self, bid: str) -> Path:
+        """Ask the runner holding the store to stop at its next batch boundary."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._pause(bid)
         path.write_text(str(time.time()))
         return path
 
     def take_pause_request(self, bid: str) -> bool:
+        """Consume a pause request; True if there was one."""
         try:
             self._pause(bid).unlink()
             return True

@@ -11,26 +11,20 @@ import socket
 import threading
 import time
 
+from migrator.connection import pid_alive
+
 log = logging.getLogger("backfill")
 DEFAULT_SECONDS = 60.0
 
 
 def lease_seconds() -> float:
+    """How long a silent runner keeps its lease (BACKFILL_LEASE_SECONDS)."""
     return float(os.environ.get("BACKFILL_LEASE_SECONDS", DEFAULT_SECONDS))
 
 
 def new_lease(owner: str) -> dict:
+    """A lease naming this process, so an operator can find the runner."""
     return {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder(lease: dict | None, me: str, seconds: float | None = None) -> dict | None:
@@ -47,7 +41,7 @@ def holder(lease: dict | None, me: str, seconds: float | None = None) -> dict | 
         pid = int(lease.get("pid", 0))
     except (TypeError, ValueError):
         pid = 0
-    if lease.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+    if lease.get("host") == socket.gethostname() and pid > 0 and not pid_alive(pid):
         return None
     return lease
 

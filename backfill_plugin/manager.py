@@ -16,30 +16,21 @@ from migrator.discovery import discover
 from migrator.plugins import ensure_registered, pm
 from migrator.sqltext import check_identifier
 
+from . import params as params_
 from . import plugin, preflight
 from .attempt import Attempts, BatchExecution
 from .batch import Batch
-from .checkpoint import CheckpointStore, Row, backfill_id, utcnow
+from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state_client, utcnow
 from .errors import BackfillError, LeaseLost, one_line
 from .keys import KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
-from .render import read_template, render
+from .render import read_template
 from .run import BackfillView, Run
 from .status import summarize
 
 log = logging.getLogger("backfill")
 RECENT = 20  # batches the rate and ETA are computed over
-
-
-def coerce(value: str):
-    """`--param k=v` arrives as text; numbers become numbers so they render as numbers."""
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            pass
-    return value
 
 
 class ClickHouseBackfillManager:
@@ -59,7 +50,7 @@ class ClickHouseBackfillManager:
         self.migrations_dir = Path(migrations_dir or "migrations")
         self.control = control  # ControlChannel for an embedded store, else None
         self.sleep = sleep
-        self.store = CheckpointStore(_state_client(ch_client), self.cluster)
+        self.store = CheckpointStore(state_client(ch_client), self.cluster)
         self.attempts = Attempts(ch_client, self.cluster, sleep)
         self.owner = tracking.owner_id()
         self._stop = threading.Event()
@@ -72,6 +63,7 @@ class ClickHouseBackfillManager:
         return {v: load_spec(m) for v, m in discover(self.migrations_dir).items() if m.has_backfill}
 
     def spec(self, version: int) -> BackfillSpec:
+        """The validated files of one version's backfill; a one-line error if there are none."""
         for v, mig in discover(self.migrations_dir).items():
             if v == version and mig.has_backfill:
                 return load_spec(mig)
@@ -79,6 +71,7 @@ class ClickHouseBackfillManager:
                             f"(expected {version:03d}_name.backfill.sql + .backfill.meta)")
 
     def keyspace(self, spec: BackfillSpec, database: str) -> KeySpace:
+        """The source's checkpoint columns, checked against the table before anything runs."""
         return KeySpace(database, spec.meta["source_table"], check_source(self.ch_client, spec, database))
 
     # -- state helpers -------------------------------------------------------------------
@@ -111,40 +104,6 @@ class ClickHouseBackfillManager:
         if self.control is not None:
             self.control.write_status(row.backfill_id, self.summary(row, self._spec))
 
-    def _new_checkpoint(self, spec: BackfillSpec) -> dict:
-        return {"position": None, "in_flight": None, "rows_processed": 0, "batches_completed": 0,
-                "current_batch_size": spec.meta["batch_size"], "started_at": None, "last_updated": None,
-                "params": None, "recent": []}
-
-    def _params(self, spec: BackfillSpec, database: str, overrides: dict | None, stored: dict | None,
-                previous: dict | None = None) -> dict:
-        """Params are fixed at first start (e.g. cutover_timestamp) and persisted in the checkpoint."""
-        declared = spec.meta["params"]
-        overrides = {k: coerce(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
-        for name in overrides:
-            if name not in declared:
-                raise BackfillError(f"--param {name}: {spec.meta_path} declares no such param "
-                                    f"(declared: {', '.join(declared) or 'none'})")
-        if stored is not None:
-            for name, value in overrides.items():
-                if stored.get(name) != value:
-                    raise BackfillError(f"--param {name}: fixed at first start as {stored.get(name)!r}; "
-                                        f"'migrate backfill reset {spec.version} --yes' to start over with a new value")
-            return stored
-        values = {}
-        for name, value in declared.items():
-            if name in overrides:
-                values[name] = overrides[name]
-            elif name in (previous or {}):
-                values[name] = previous[name]
-            elif isinstance(value, dict):
-                sql, _ = render(value["sql"], {"db": database}, spec.meta_path)
-                rows = self.ch_client.query(sql).result_rows
-                values[name] = _plain(rows[0][0] if rows else None)
-            else:
-                values[name] = value
-        return values
-
     # -- public API ----------------------------------------------------------------------
     def register_pending_backfills(self, db_name: str, migration_versions: list[int]) -> list[str]:
         """Insert a pending row for each version that ships a backfill; run `run_on_startup` ones inline."""
@@ -157,7 +116,7 @@ class ClickHouseBackfillManager:
             bid = backfill_id(db_name, version)
             row = self.store.load(bid)
             if row is None or row.status == "pending" and not row.checkpoint:
-                row = Row(bid, version, db_name, "pending", self._new_checkpoint(spec), writer=self.owner)
+                row = Row(bid, version, db_name, "pending", new_checkpoint(spec), writer=self.owner)
                 self._save(row)
             if spec.meta["run_on_startup"]:
                 result = self.run_backfill(db_name, version)
@@ -183,7 +142,7 @@ class ClickHouseBackfillManager:
                                 f"and wait for it to stop first")
         self.attempts.kill_earlier(bid)  # an orphaned attempt must not write into the restarted backfill
         self.store.ensure_schema()
-        cp = self._new_checkpoint(spec)
+        cp = new_checkpoint(spec)
         if keep_params and row is not None:
             cp["previous_params"] = row.checkpoint.get("params") or row.checkpoint.get("previous_params")
         self._save(Row(bid, version, database, "pending", cp, writer=self.owner))
@@ -231,14 +190,14 @@ class ClickHouseBackfillManager:
             for version, spec in specs.items():
                 if backfill_id(database, version) not in rows:
                     out.append(self.summary(Row(backfill_id(database, version), version, database,
-                                                "not registered", self._new_checkpoint(spec)), spec))
+                                                "not registered", new_checkpoint(spec)), spec))
         out.sort(key=lambda s: (s["db_name"], s["migration_version"]))
         return [s for s in out if status is None or s["status"] == status]
 
     def get_status(self, database: str, version: int, live_counts: bool = True) -> dict:
         """The whole state of one backfill, with progress and ETA from source row counts."""
         spec, bid = self.spec(version), backfill_id(database, version)
-        row = self.store.load(bid) or Row(bid, version, database, "not registered", self._new_checkpoint(spec))
+        row = self.store.load(bid) or Row(bid, version, database, "not registered", new_checkpoint(spec))
         remaining = None
         if live_counts and row.status not in ("completed", "not registered"):
             remaining = self.keyspace(spec, database).remaining(self.ch_client, row.checkpoint.get("position"))
@@ -257,13 +216,13 @@ class ClickHouseBackfillManager:
         spec, bid = self.spec(version), backfill_id(database, version)
         if tracking.read_state(self.ch_client, database).curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
-        row = self.store.load(bid) or Row(bid, version, database, "pending", self._new_checkpoint(spec))
-        row.checkpoint = row.checkpoint or self._new_checkpoint(spec)
+        row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
+        row.checkpoint = row.checkpoint or new_checkpoint(spec)
         run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row)
         if dry_run:
             return self._dry_run(run, params, batch_size)
         cp = row.checkpoint
-        cp["params"] = self._params(spec, database, params, cp.get("params"), cp.get("previous_params"))
+        cp["params"] = params_.resolve(self.ch_client, spec, database, params, cp.get("params"), cp.get("previous_params"))
         if row.status == "completed":
             return {**self.summary(row, spec), "stopped": "already completed"}
         other = holder(cp.get("lease"), self.owner) if row.status in ("running", "paused") else None
@@ -374,7 +333,7 @@ class ClickHouseBackfillManager:
     def _dry_run(self, run: Run, params, batch_size) -> dict:
         row, spec, keys = run.row, run.spec, run.keys
         cp = row.checkpoint = dict(row.checkpoint)  # a private copy: nothing here is saved
-        cp["params"] = self._params(spec, row.db_name, params, cp.get("params"), cp.get("previous_params"))
+        cp["params"] = params_.resolve(self.ch_client, spec, row.db_name, params, cp.get("params"), cp.get("previous_params"))
         size = int(batch_size or cp["current_batch_size"])
         batch = run.in_flight
         if batch is None:
@@ -385,21 +344,3 @@ class ClickHouseBackfillManager:
         if batch:
             out["sql"], out["sql_parameters"] = run.render(batch, 0)
         return out
-
-
-def _plain(value):
-    if hasattr(value, "strftime"):
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:23] if hasattr(value, "microsecond") else str(value)
-    if isinstance(value, (int, float, str)) or value is None:
-        return value
-    return str(value)
-
-
-def _state_client(client):
-    """Checkpoint writes (the heartbeat's too) need their own chDB handle: a handle runs one query
-    at a time, and a batch may hold it for minutes. Server clients without a session are shared."""
-    path = getattr(client, "path", None)
-    if type(client).__name__ == "ChdbClient" and path and path != ":memory:":
-        import clickhouse_connect
-        return clickhouse_connect.get_client(dsn=f"chdb://{path}")
-    return client

@@ -33,6 +33,7 @@ def _for_context(context):
 
 @hookimpl
 def register_commands(cli):
+    """The `migrate backfill ...` group."""
     from .cli import backfill
     cli.add_command(backfill)
 

@@ -14,6 +14,7 @@ from .render import render
 
 
 def validate(manager, database: str, version: int) -> list[dict]:
+    """Run the backfill's validate SQL with the params it ran with; one dict per check."""
     spec = manager.spec(version)
     if spec.validate_path is None:
         raise BackfillError(f"version {version} ships no {spec.sql_path.name.replace('.sql', '.validate.sql')}")

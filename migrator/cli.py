@@ -193,6 +193,7 @@ def build() -> click.Group:
 
 
 def main(argv=None) -> None:
+    """The `migrate` console script: plugins loaded first, then the one-line error contract."""
     try:
         group = build()
     except Exception as exc:

@@ -141,20 +141,37 @@ def receive_timeout() -> int:
     return value
 
 
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _held(target: Target, owner: dict | None, cause: str) -> StoreHeld:
+    who = f"pid {owner['pid']} ({owner.get('command', '?')})" if owner else "another process"
+    return StoreHeld(f"store {target.store_path} is held by {who}; wait for it to finish, or use "
+                     f"'migrate backfill status|pause' which work while a run holds the store ({cause})")
+
+
 def connect(target: Target, argv: list[str] | None = None):
     """Open the client; a store held by another process is a one-line error naming that process."""
     if target.embedded:
         target.store_path.parent.mkdir(parents=True, exist_ok=True)
+        owner = store_owner(target)
+        if (owner and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+                and owner["pid"] != os.getpid() and pid_alive(owner["pid"])):
+            # Known live holder: do not even try. A refused chDB open can leave the process hanging at exit.
+            raise _held(target, owner, "recorded owner is running")
         try:
             with _quiet_stderr():
                 client = clickhouse_connect.get_client(dsn=target.url)
         except Exception as exc:  # chDB refuses a store another process holds
-            owner = store_owner(target)
-            who = f"pid {owner['pid']} ({owner.get('command', '?')})" if owner else "another process"
-            raise StoreHeld(
-                f"store {target.store_path} is held by {who}; wait for it to finish, or use "
-                f"'migrate backfill status|pause' which work while a run holds the store ({type(exc).__name__})"
-            ) from None
+            raise _held(target, store_owner(target), type(exc).__name__) from None
         _claim_store(target, argv or ["migrate"])
         return client
     parsed = urllib.parse.urlsplit(target.url)

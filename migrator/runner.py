@@ -60,9 +60,11 @@ class Migrator:
 
     # -- reading (no DDL, not even the tracking tables) ---------------------------------------
     def state(self) -> tracking.State:
+        """The tracking state (created first, except under --dry-run)."""
         return tracking.read_state(self.ctx.client, self.ctx.database)
 
     def status(self) -> dict:
+        """The document `migrate status --json` prints."""
         st = self.state()
         return {
             "database": self.ctx.database,

@@ -202,6 +202,7 @@ class AdvisoryLock:
         return owner, exp
 
     def acquire(self) -> "AdvisoryLock":
+        """Claim the lock; a one-line error naming the holder if another migrate has it."""
         self.claim = next_version()
         self._write(0)
         for _ in range(2):
@@ -215,9 +216,11 @@ class AdvisoryLock:
         return self
 
     def renew(self) -> None:
+        """Extend the lease while a long migration runs."""
         self._write(0)
 
     def release(self) -> None:
+        """Give the lock up so the next migrate does not wait for the lease to expire."""
         self._write(1)
 
     def __enter__(self):
