@@ -20,7 +20,7 @@ from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.attempt import MARKER, Attempts
 from backfill_plugin.errors import LeaseLost
 
-ROWS = 3000
+ROWS = 2000
 UP = f"""
 CREATE TABLE {{db}}.src (a String, b UInt32, v String) ENGINE = MergeTree ORDER BY (a, b)
     SETTINGS index_granularity = 100;
@@ -29,9 +29,9 @@ INSERT INTO {{db}}.src SELECT ['', 'x''y', 'b\\\\s', 'é'][number % 4 + 1], numb
 CREATE TABLE {{db}}.dst (a String, b UInt32, v String) ENGINE = MergeTree ORDER BY (a, b)
     SETTINGS non_replicated_deduplication_window = 1000;
 """
-# 5 ms a row, read and inserted in blocks of 100 rows: a batch of 1,000 rows takes about 5 s and
-# commits a block every half second.
-SLOW = "sleepEachRow(0.005) = 0"
+# 3 ms a row, read and inserted in blocks of 100 rows: a batch of 1,000 rows takes about 3 s and
+# commits a block every 0.3 s.
+SLOW = "sleepEachRow(0.003) = 0"
 ANTI_JOIN = ("INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND " + SLOW +
              " AND (a, b) NOT IN (SELECT a, b FROM {db}.dst WHERE {batch_range} AND {retry_count} > 0)")
 TOKEN_ONLY = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range} AND " + SLOW
@@ -99,7 +99,7 @@ def setup(ch_client, db, migrations, migrator_for):
 
 
 @pytest.mark.parametrize("sql", [ANTI_JOIN, TOKEN_ONLY], ids=["anti-join", "token-only"])
-@pytest.mark.parametrize("after", [0.2, 2.5], ids=["before-first-block", "after-some-blocks"])
+@pytest.mark.parametrize("after", [0.15, 1.5], ids=["before-first-block", "after-some-blocks"])
 def test_retry_after_an_abandoned_attempt_is_exact(ch_client, db, setup, sql, after):
     """Batch 2's first attempt is abandoned by its client while the engine keeps executing it."""
     root = setup(sql)
@@ -126,7 +126,7 @@ def test_takeover_kills_the_dead_runners_attempt_first(ch_client, db, setup, mon
     root = setup(ANTI_JOIN)
     resume = threading.Event()
     client_a = other_handle(ch_client)
-    runner = GivesUp(client_a, which=2, after=2.0, then=resume.wait)
+    runner = GivesUp(client_a, which=2, after=1.0, then=resume.wait)
     first = ClickHouseBackfillManager(runner, migrations_dir=root, sleep=lambda s: None)
     monkeypatch.setattr(first, "_beat", lambda: None)  # a dead process sends no heartbeat
     outcome = {}
@@ -140,10 +140,10 @@ def test_takeover_kills_the_dead_runners_attempt_first(ch_client, db, setup, mon
     thread_a = threading.Thread(target=run_a, daemon=True)
     thread_a.start()
     deadline = time.time() + 60
-    while not (runner.orphans and time.time() > deadline - 55):  # A's batch 2 is in the engine for a while
-        time.sleep(0.2)
+    while not runner.orphans:  # A's batch 2 is in the engine; A has not beaten since its claim
+        time.sleep(0.05)
         assert time.time() < deadline
-    time.sleep(1.5)  # the lease goes stale
+    time.sleep(0.3)  # a block or so into the orphaned batch; A's lease (1 s, never renewed) is stale
     second = ClickHouseBackfillManager(other_handle(ch_client), migrations_dir=root, sleep=lambda s: None)
     result = second.run_backfill(db, 1)
     assert result["status"] == "completed"
