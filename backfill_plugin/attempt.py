@@ -108,8 +108,9 @@ class BatchExecution:
                 self.confirm_lease()
                 self.attempts.kill_earlier(run.backfill_id)
                 run.check_replay(batch)
-            if batch.first_attempt_at is None:
+            if batch.first_attempt_at is None:  # a range written ahead by an older version
                 batch.first_attempt_at = time.time()
+                run.in_flight = batch
             sql, params = run.render(batch, retry)
             token = batch.token(run.backfill_id)
             settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"], **run.write_settings,

@@ -229,9 +229,7 @@ class ClickHouseBackfillManager:
         if other:  # a paused row still carrying a live lease: its runner has not reached the boundary yet
             raise BackfillError(f"backfill {bid} is already running ({other['owner']}, heartbeat "
                                 f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
-        preview = Batch(None, [run.keys.default(c) for c in run.keys.columns], 1, 1)
-        run.render(preview, 0)  # unknown placeholders fail before any write
-        preflight.check(run, self.cluster)
+        preflight.check(run, self.cluster)  # renders a preview first: unknown placeholders fail before any write
         self.store.ensure_schema()
         if batch_size:
             cp["current_batch_size"] = int(batch_size)
@@ -292,7 +290,8 @@ class ClickHouseBackfillManager:
                 if found is None:
                     self._set_status(row, "completed")
                     return {**self.summary(row, run.spec), "stopped": "completed"}
-                run.in_flight = Batch(cp.get("position"), found[0], found[1], cp["current_batch_size"])
+                run.in_flight = Batch(cp.get("position"), found[0], found[1], cp["current_batch_size"],
+                                      first_attempt_at=time.time())  # saved ahead: a late replay is detectable
                 # Write-ahead: from here a crash replays exactly this range. The same row also
                 # persists the previous batch's completion (one write per batch, not two).
                 self._save(row)

@@ -27,7 +27,7 @@ def check(run, cluster: str | None) -> None:
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = dedup.known_settings(run.client)
-    sql, _ = run.render(run.in_flight or _preview(run), 0)
+    sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:
         return
@@ -37,11 +37,6 @@ def check(run, cluster: str | None) -> None:
         return
     run.window = dedup.window(run.client, *run.target)
     dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
-
-
-def _preview(run):
-    from .batch import Batch
-    return Batch(None, [run.keys.default(c) for c in run.keys.columns], 1, 1)
 
 
 def check_single_shard(client, cluster: str) -> None:

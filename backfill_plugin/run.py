@@ -64,6 +64,10 @@ class Run:
     def in_flight(self, batch: Batch | None) -> None:
         self.checkpoint["in_flight"] = batch.to_json() if batch else None
 
+    def preview_batch(self) -> Batch:
+        """A stand-in range (the keys' defaults) to render the SQL before anything runs."""
+        return Batch(None, [self.keys.default(c) for c in self.keys.columns], 1, 1)
+
     def render(self, batch: Batch, retry_count: int) -> tuple[str, dict]:
         """The SQL and server-side parameters of exactly this batch's range."""
         cp, keys = self.checkpoint, self.keys

@@ -193,3 +193,23 @@ def test_preflight_refuses_what_would_break_exactly_once_on_a_server(ch_client, 
         connection.receive_timeout()
     with pytest.raises(BackfillError, match="--cluster nowhere: no such cluster"):
         preflight.check_single_shard(ch_client, "nowhere")
+
+
+def test_token_only_replays_are_refused_outside_a_replicated_dedup_window():
+    """The replicated windows cannot be shown on the embedded engine: the decision is tested on the
+    window as `dedup.window` reads it from system.tables / system.merge_tree_settings."""
+    from backfill_plugin import dedup
+
+    target = ("shop", "orders_v2")
+    replicated = {"engine": "ReplicatedMergeTree", "blocks": 1000, "seconds": 600,
+                  "setting": "replicated_deduplication_window"}
+    with pytest.raises(BackfillError, match="replicated_deduplication_window_seconds = 600, less than a batch's "
+                                            r"timeout plus the lease \(3660s\).*MODIFY SETTING"):
+        dedup.check_window(target, replicated, 3660)
+    dedup.check_window(target, {**replicated, "seconds": 7200}, 3660)
+    with pytest.raises(BackfillError, match="does not deduplicate inserts"):
+        dedup.check_window(target, {**replicated, "engine": "Log"}, 60)
+    with pytest.raises(BackfillError, match=r"first ran \d+s ago, longer than shop.orders_v2's"):
+        dedup.check_replay_age(target, replicated, time.time() - 601)
+    dedup.check_replay_age(target, replicated, time.time() - 10)
+    dedup.check_replay_age(target, {**replicated, "seconds": None}, time.time() - 10**6)  # MergeTree: by count
