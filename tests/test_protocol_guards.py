@@ -137,7 +137,12 @@ def test_status_and_pause_reach_a_backfill_running_inline_in_migrate_up(tmp_path
 
     up = subprocess.Popen(MIGRATE + ["up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           cwd=str(REPO))
-    deadline, live = time.time() + 240, None  # generous: the machine may be busy
+    owner = store.with_name("store.control") / "owner.json"
+    deadline, live = time.time() + 120, None
+    # Probe only once `up` holds the store: a probe that opened it first would lock `up` out.
+    while not (owner.exists() and json.loads(owner.read_text() or "{}").get("pid") == up.pid):
+        assert up.poll() is None and time.time() < deadline, up.communicate()
+        time.sleep(0.05)
     while time.time() < deadline:
         probe = migrate("backfill", "status", "1", "--json")
         if probe.returncode == 0 and json.loads(probe.stdout).get("batches_completed", 0) >= 1:
