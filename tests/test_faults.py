@@ -22,8 +22,7 @@ import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
-from tests.conftest import (  # noqa: F401  (DOWN_SQL and the proxies are re-exported to test_server_mode)
-    DOWN_SQL,
+from tests.conftest import (
     REPO,
     DiesAfterInsert,
     Lines,
