@@ -111,13 +111,13 @@ class BatchExecution:
             if batch.first_attempt_at is None:  # a range written ahead by an older version
                 batch.first_attempt_at = time.time()
                 run.in_flight = batch
+            number += 1
             sql, params = run.render(batch, retry)
             token = batch.token(run.backfill_id)
             settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"], **run.write_settings,
                         **(run.read_settings if retry else {}),
                         **batch_settings(token, retry, run.skips_existing, run.known_settings),
                         "query_id": f"{run.backfill_id}-{token[9:21]}-{number}-{uuid.uuid4().hex[:8]}"}
-            number += 1
             try:
                 run.client.command(tagged(sql, run.backfill_id, token, number, self.owner),
                                    parameters=params or None, settings=settings)

@@ -122,8 +122,8 @@ class CheckpointStore:
 
     def ensure_schema(self) -> None:
         """Create the tracking table (ON CLUSTER under --cluster) if it is missing; nothing otherwise."""
-        if not self.exists():
-            ensure_schema(self.client, self.cluster, schema=SCHEMA)
+        if not self._exists:
+            ensure_schema(self.client, self.cluster, schema=SCHEMA)  # sends DDL only for what is missing
             self._exists = True
 
     def _select(self, where: str, params: dict, per_id: bool = False) -> list[tuple]:

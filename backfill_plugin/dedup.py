@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import time
 
+from migrator.sqltext import leading_comments
+
 from .errors import BackfillError
 
 ONE_BLOCK = 1 << 40
@@ -19,7 +21,7 @@ ONE_BLOCK = 1 << 40
 # 26.x turns INSERT SELECT dedup off for "unstable" SELECTs unless asked: a batch is one block with
 # our own token, so the stability of the SELECT does not matter here.
 VERSIONED = {"deduplicate_insert_select": "enable_even_for_bad_queries", "deduplicate_insert": "enable"}
-INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(?:TABLE\s+)?((?:`[^`]+`|\w+)(?:\s*\.\s*(?:`[^`]+`|\w+))?)",
+INSERT_INTO = re.compile(r"\s*INSERT\s+INTO\s+(?:TABLE\s+)?((?:`[^`]+`|\w+)(?:\s*\.\s*(?:`[^`]+`|\w+))?)",
                          re.IGNORECASE)
 
 
@@ -43,8 +45,7 @@ def known_settings(client) -> set[str]:
 
 def target_table(sql: str, database: str) -> tuple[str, str] | None:
     """The table a rendered `INSERT INTO ...` writes to (None when the SQL names none we can read)."""
-    body = re.sub(r"^(\s|--[^\n]*\n|/\*.*?\*/)*", "", sql, flags=re.DOTALL)
-    match = INSERT_INTO.match(body)
+    match = INSERT_INTO.match(sql, leading_comments(sql))
     if not match:
         return None
     parts = [p.strip().strip("`") for p in match.group(1).split(".")]

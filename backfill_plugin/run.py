@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from migrator.plugins import pm
 
@@ -46,11 +47,11 @@ class Run:
     def checkpoint(self) -> dict:
         return self.row.checkpoint
 
-    @property
+    @cached_property
     def view(self) -> BackfillView:
         return BackfillView(self.row.backfill_id, self.spec.version, self.row.db_name, self.spec.meta)
 
-    @property
+    @cached_property
     def skips_existing(self) -> bool:
         """SQL that reads `{retry_count}` anti-joins the target on retries instead of trusting the token."""
         return "retry_count" in placeholders(self.template)

@@ -60,7 +60,7 @@ class Migrator:
 
     # -- reading (no DDL, not even the tracking tables) ---------------------------------------
     def state(self) -> tracking.State:
-        """The tracking state (created first, except under --dry-run)."""
+        """The tracking state; reading it creates nothing (version 0 when the tables are missing)."""
         return tracking.read_state(self.ctx.client, self.ctx.database)
 
     def status(self) -> dict:

@@ -219,16 +219,16 @@ _DDL_RE = re.compile(
 # Replicated* and Shared* engines (ClickHouse Cloud's SharedMergeTree) already replicate: never rewrite them.
 _ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(?!Replicated|Shared)(?P<kind>\w*)MergeTree\b"
                         r"(?P<args>\s*\((?:[^()]|\([^()]*\))*\))?", re.IGNORECASE)
-_COMMENT_RE = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?(?:\*/|$)", re.DOTALL)
 _QUALIFIED_RE = re.compile(r"(`[^`]+`|\w+)\s*\.\s*(?:`[^`]+`|\w+)")
 
 
-def _leading_comments(statement: str) -> int:
-    """Length of the whitespace and comments before a statement's first keyword (a file header)."""
-    i = 0
-    while (m := _COMMENT_RE.match(statement, i)) and m.end() > i:
-        i = m.end()
-    return i
+def leading_comments(statement: str) -> int:
+    """Length of the whitespace and comments before a statement's first keyword (a file header),
+    by the same lexer as the splitter (nested comments, `#` only where ClickHouse takes it)."""
+    for kind, start, _end in _lex(statement):
+        if kind not in ("space", "comment"):
+            return start
+    return len(statement)
 
 
 def _databases_named(body: str, default_database: str | None) -> set[str]:
@@ -254,7 +254,7 @@ def on_cluster(statement: str, cluster: str | None, replicated_databases=frozens
     if cluster is None:
         return statement
     check_identifier(cluster, "cluster")
-    start = _leading_comments(statement)
+    start = leading_comments(statement)
     head, body = statement[:start], statement[start:]
     if replicated_databases and _databases_named(body, default_database) & set(replicated_databases):
         return statement
