@@ -16,6 +16,7 @@ from rich.table import Table
 from migrator import connection
 from migrator.cli import App, pass_app
 
+from . import repair
 from .checkpoint import STATUSES, backfill_id
 from .control import ControlChannel
 from .errors import BackfillError
@@ -37,6 +38,20 @@ def _fmt(value, unknown="unknown") -> str:
     return unknown if value is None else str(value)
 
 
+def _progress(info: dict) -> str:
+    """`12.5%`, with `~` when it rests on an estimate of the remaining rows."""
+    if info["progress_percent"] is None:
+        return "unknown"
+    return f"{'~' if info.get('rows_remaining_estimated') else ''}{info['progress_percent']:.1f}%"
+
+
+def _remaining(info: dict) -> str:
+    if info.get("rows_remaining") is None:
+        return "unknown"
+    how = "estimated from the primary index; --exact counts" if info.get("rows_remaining_estimated") else "counted"
+    return f"{info['rows_remaining']:,} source rows ({how})"
+
+
 def _secs(value) -> str:
     return "unknown" if value is None else f"{value:.0f}s"
 
@@ -49,18 +64,20 @@ def backfill():
 @backfill.command("list")
 @click.option("--status", type=click.Choice(STATUSES + ("not registered",)), default=None)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--exact", is_flag=True, help="count remaining source rows instead of estimating them from the index")
 @pass_app
-def list_cmd(app: App, status, as_json):
+def list_cmd(app: App, status, as_json, exact):
     """Backfills of the database, registered or only discovered."""
-    items = manager(app).list_backfills(app.database, status)
+    items = manager(app).list_backfills(app.database, status, exact=exact)
     if as_json:
         keys = ["migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
-                "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at"]
+                "batches_completed", "current_batch_size", "rows_remaining", "rows_remaining_estimated",
+                "progress_percent", "started_at", "updated_at"]
         click.echo(json.dumps([{k: i[k] for k in keys} for i in items], indent=2, default=str))
         return
     table = Table("Version", "Description", "Status", "Progress", "Rows", "Started", "Updated")
     for i in items:
-        progress = "unknown" if i["progress_percent"] is None else f"{i['progress_percent']:.1f}%"
+        progress = _progress(i)
         table.add_row(str(i["migration_version"]), i["description"], i["status"], progress,
                       f"{i['rows_processed']:,}", _fmt(i["started_at"], "-")[:19], _fmt(i["updated_at"], "-")[:19])
     Console(width=160).print(table)
@@ -136,6 +153,12 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
         result = call(app.database, version, on_batch=on_batch, **kwargs)
     elapsed = time.time() - started
     stopped = result.get("stopped")
+    if stopped == "repaired":
+        fixed = result["repair"]
+        click.echo(f"backfill {version}: range {json.dumps(fixed['start'])}..{json.dumps(fixed['end'])} replayed, "
+                   f"{fixed['rows_processed']:,} source rows in {fixed['batches_completed']} batches, {elapsed:.1f}s; "
+                   f"the backfill is {result['status']} again")
+        return
     why = f" ({stopped})" if stopped and stopped != result["status"] else ""
     click.echo(f"backfill {version}: {result['status']}{why}; {result['rows_processed']:,} rows processed, "
                f"{result['batches_completed']} batches, batch size {result['current_batch_size']}, {elapsed:.1f}s")
@@ -164,19 +187,24 @@ def _params(values) -> dict:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="override the current batch size")
 @click.option("--param", "params", multiple=True, help="key=value; fixes a param on the first run")
 @click.option("--dry-run", is_flag=True, help="show scope, first range and SQL; write nothing")
+@click.option("--range", "key_range", metavar="START..END", default=None,
+              help="replay only the keys in (START, END], JSON arrays as 'position' shows them (START may be empty)")
+@click.option("--exact", is_flag=True, help="count the remaining source rows for progress instead of estimating")
 @pass_app
-def run(app: App, version, max_batches, batch_size, params, dry_run):
-    """Run (or continue) a backfill until it completes."""
+def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact):
+    """Run (or continue) a backfill until it completes, or replay one key range of it."""
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
-                                                          params=_params(params), dry_run=True))
+                                                          params=_params(params), dry_run=True, exact=exact))
         return
-    _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params))
+    _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params),
+         exact=exact, key_range=repair.parse(key_range) if key_range is not None else None)
 
 
 def _print_dry_run(version: int, out: dict) -> None:
     """Scope, the first batch's range, the params and the exact SQL of `run --dry-run`."""
-    click.echo(f"backfill {version}: status {out['status']}, {out['rows_remaining']:,} source rows past the position")
+    about = "about " if out["rows_remaining_estimated"] else ""
+    click.echo(f"backfill {version}: status {out['status']}, {about}{out['rows_remaining']:,} source rows past the position")
     fb = out["first_batch"]
     if fb is None:
         click.echo("nothing left to do")
@@ -214,8 +242,9 @@ def _held_by_other(app: App) -> bool:
 @backfill.command()
 @click.argument("version", type=int)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--exact", is_flag=True, help="count remaining source rows instead of estimating them from the index")
 @pass_app
-def status(app: App, version, as_json):
+def status(app: App, version, as_json, exact):
     """Position, rows, batch size, progress, rate, ETA, last error and lease."""
     if _held_by_other(app):
         info = control_for(app).read_status(backfill_id(app.database, version))
@@ -224,7 +253,7 @@ def status(app: App, version, as_json):
                                 f"backfill {backfill_id(app.database, version)}")
         info["source"] = "control channel (live file written by the runner each batch)"
     else:
-        info = manager(app).get_status(app.database, version)
+        info = manager(app).get_status(app.database, version, exact=exact)
         info["source"] = "tracking table"
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -233,7 +262,7 @@ def status(app: App, version, as_json):
             ("position", json.dumps(info["position"], ensure_ascii=False)),
             ("rows processed", f"{info['rows_processed']:,}"), ("batches", info["batches_completed"]),
             ("batch size", info["current_batch_size"]),
-            ("progress", "unknown" if info["progress_percent"] is None else f"{info['progress_percent']}%"),
+            ("progress", _progress(info)), ("remaining", _remaining(info)),
             ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", _secs(info["eta_seconds"])),
             ("started", _fmt(info["started_at"], "-")), ("updated", _fmt(info["updated_at"], "-")),
             ("last error", _fmt(info["error_log"], "-")), ("lease", _fmt((info.get("lease") or {}).get("owner"), "-")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from migrator import tracking
@@ -17,7 +18,7 @@ from migrator.plugins import ensure_registered, pm
 from migrator.sqltext import check_identifier
 
 from . import params as params_
-from . import plugin, preflight
+from . import plugin, preflight, repair
 from .attempt import Attempts, BatchExecution
 from .batch import Batch
 from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state_client, utcnow
@@ -181,49 +182,79 @@ class ClickHouseBackfillManager:
         if row is not None and row.status == "running":
             self._set_status(row, "paused")
 
-    def list_backfills(self, database: str | None = None, status: str | None = None) -> list[dict]:
-        """Registered backfills plus the ones discovered in the migrations directory but not registered."""
+    def list_backfills(self, database: str | None = None, status: str | None = None, exact: bool = False) -> list[dict]:
+        """Registered backfills plus the ones discovered in the migrations directory but not registered.
+
+        Progress of unfinished ones comes from the primary index (one EXPLAIN ESTIMATE each), or
+        from an exact count with `exact`.
+        """
         rows = {r.backfill_id: r for r in self.store.load_all(database)}
         specs = self._discover_backfill_files() if self.migrations_dir.is_dir() else {}
-        out = [self.summary(r, specs.get(r.migration_version)) for r in rows.values()]
         if database:
             for version, spec in specs.items():
                 if backfill_id(database, version) not in rows:
-                    out.append(self.summary(Row(backfill_id(database, version), version, database,
-                                                "not registered", new_checkpoint(spec)), spec))
+                    rows[backfill_id(database, version)] = Row(backfill_id(database, version), version, database,
+                                                               "not registered", new_checkpoint(spec))
+        out = []
+        for r in rows.values():
+            spec, remaining = specs.get(r.migration_version), None
+            if spec is not None and r.status != "completed" and r.status != "running":
+                remaining = self._remaining_or_none(spec, r, exact)
+            out.append(self.summary(r, spec, remaining, estimated=not exact))
         out.sort(key=lambda s: (s["db_name"], s["migration_version"]))
         return [s for s in out if status is None or s["status"] == status]
 
-    def get_status(self, database: str, version: int, live_counts: bool = True) -> dict:
-        """The whole state of one backfill, with progress and ETA from source row counts."""
+    def _remaining(self, keys: KeySpace, position, exact: bool) -> int:
+        return keys.remaining(self.ch_client, position) if exact else keys.estimate(self.ch_client, position)
+
+    def _remaining_or_none(self, spec: BackfillSpec, row: Row, exact: bool) -> int | None:
+        """None when the source cannot be read yet (a version not applied): progress is then unknown."""
+        try:
+            return self._remaining(self.keyspace(spec, row.db_name), row.checkpoint.get("position"), exact)
+        except Exception as exc:
+            log.debug("no progress estimate for %s: %s", row.backfill_id, one_line(exc))
+            return None
+
+    def get_status(self, database: str, version: int, live_counts: bool = True, exact: bool = False) -> dict:
+        """The whole state of one backfill; remaining rows from the primary index unless `exact`."""
         spec, bid = self.spec(version), backfill_id(database, version)
         row = self.store.load(bid) or Row(bid, version, database, "not registered", new_checkpoint(spec))
         remaining = None
         if live_counts and row.status not in ("completed", "not registered"):
-            remaining = self.keyspace(spec, database).remaining(self.ch_client, row.checkpoint.get("position"))
-        return self.summary(row, spec, remaining)
+            remaining = self._remaining(self.keyspace(spec, database), row.checkpoint.get("position"), exact)
+        return self.summary(row, spec, remaining, estimated=not exact)
 
-    def summary(self, row: Row, spec: BackfillSpec | None = None, remaining: int | None = None) -> dict:
+    def summary(self, row: Row, spec: BackfillSpec | None = None, remaining: int | None = None,
+                estimated: bool = True) -> dict:
         """The stable status document (`status --json`, `list --json`, the live status file)."""
-        return summarize(row, spec, remaining)
+        return summarize(row, spec, remaining, estimated)
 
     # -- running -------------------------------------------------------------------------
     def run_backfill(self, database: str, version: int, max_batches: int | None = None,
                      batch_size: int | None = None, params: dict | None = None,
-                     dry_run: bool = False, on_batch=None) -> dict:
-        """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches."""
+                     dry_run: bool = False, on_batch=None, exact: bool = False, key_range: tuple | None = None) -> dict:
+        """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches.
+
+        `key_range` (start or None, end): replay only the keys in (start, end], each exactly once,
+        e.g. a range that `validate` reported; the backfill's own position does not move.
+        """
         check_identifier(database)
         spec, bid = self.spec(version), backfill_id(database, version)
         if tracking.read_state(self.ch_client, database).curr_version < version:
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
         row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
         row.checkpoint = row.checkpoint or new_checkpoint(spec)
-        run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row)
+        run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row, exact=exact)
         if dry_run:
             return self._dry_run(run, params, batch_size)
         cp = row.checkpoint
+        if key_range is not None:
+            repair.start(run, *key_range)
+        elif cp.get("repair"):
+            raise BackfillError(f"backfill {bid} has an unfinished repair of ({cp['repair']['start']}, "
+                                f"{cp['repair']['end']}]; finish it first with the same 'run --range'")
         cp["params"] = params_.resolve(self.ch_client, spec, database, params, cp.get("params"), cp.get("previous_params"))
-        if row.status == "completed":
+        if row.status == "completed" and key_range is None:
             return {**self.summary(row, spec), "stopped": "already completed"}
         other = holder(cp.get("lease"), self.owner) if row.status in ("running", "paused") else None
         if other:  # a paused row still carrying a live lease: its runner has not reached the boundary yet
@@ -232,7 +263,7 @@ class ClickHouseBackfillManager:
         preflight.check(run, self.cluster)  # renders a preview first: unknown placeholders fail before any write
         self.store.ensure_schema()
         if batch_size:
-            cp["current_batch_size"] = int(batch_size)
+            run.checkpoint["current_batch_size"] = int(batch_size)
         if self.control is not None:
             self.control.take_pause_request(bid)  # a request left while no runner was there is stale
         self._claim(run)
@@ -255,9 +286,10 @@ class ClickHouseBackfillManager:
         """Take the lease; a runner that claimed at the same instant makes exactly one side back off."""
         row, cp = run.row, run.checkpoint
         self._spec = run.spec
+        row.checkpoint["lease"] = new_lease(self.owner)
         # The rate window starts at the claim, so the first batch already has a rate and an ETA.
-        cp.update(lease=new_lease(self.owner), recent=[[time.time(), cp.get("rows_processed", 0)]], started_at=cp.get("started_at") or utcnow().isoformat(),
-                  rows_total=cp.get("rows_processed", 0) + run.keys.remaining(self.ch_client, cp.get("position")))
+        cp.update(recent=[[time.time(), cp.get("rows_processed", 0)]], started_at=cp.get("started_at") or utcnow().isoformat())
+        self._estimate_total(run)
         row.started_at = row.started_at or utcnow()
         row.error_log = None
         self._set_status(row, "running")
@@ -266,6 +298,22 @@ class ClickHouseBackfillManager:
         if claimant != self.owner:
             raise BackfillError(f"backfill {row.backfill_id} was claimed at the same time by {claimant}; "
                                 f"refusing a second runner")
+
+    def _estimate_total(self, run: Run) -> None:
+        """Rows done plus rows left: from the primary index unless the run asked for an exact count."""
+        cp = run.checkpoint
+        left = (run.keys.remaining if run.exact else run.keys.estimate)(self.ch_client, cp.get("position"), run.until)
+        cp["rows_total"] = cp.get("rows_processed", 0) + left
+        cp["rows_total_estimated"] = not run.exact
+
+    def _finish_repair(self, run: Run) -> dict:
+        """The range is done: the backfill goes back to the status it had, the repair into its history."""
+        row = run.row
+        done = repair.finish(row)
+        row.writer = self.owner
+        self._save(row)
+        self._publish(row)
+        return {**self.summary(row, run.spec), "stopped": "repaired", "repair": done}
 
     def _confirm_lease(self, bid: str) -> None:
         """Before a retry or replay: a runner that lost its lease must not kill its successor's attempt."""
@@ -286,12 +334,15 @@ class ClickHouseBackfillManager:
                     if reason != "lease lost":
                         self._set_status(row, "paused")
                     return {**self.summary(row, run.spec), "stopped": reason}
-                found = run.keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"])
+                found = run.keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"], run.until)
+                if found is None and run.scope:
+                    return self._finish_repair(run)
                 if found is None:
                     self._set_status(row, "completed")
                     return {**self.summary(row, run.spec), "stopped": "completed"}
+                # A repair replays every batch: the SQL skips the rows its range already holds.
                 run.in_flight = Batch(cp.get("position"), found[0], found[1], cp["current_batch_size"],
-                                      first_attempt_at=time.time())  # saved ahead: a late replay is detectable
+                                      replay=bool(run.scope), first_attempt_at=time.time())  # a late replay is detectable
                 # Write-ahead: from here a crash replays exactly this range. The same row also
                 # persists the previous batch's completion (one write per batch, not two).
                 self._save(row)
@@ -307,13 +358,15 @@ class ClickHouseBackfillManager:
                           batches_completed=int(cp.get("batches_completed", 0)) + 1)
                 cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
             done += 1
+            if cp["rows_processed"] >= cp.get("rows_total", 0):  # the estimate ran out before the keys did
+                self._estimate_total(run)
             event = {"number": cp["batches_completed"], "range_start": batch.start, "range_end": batch.end,
                      "rows": batch.rows, "seconds": round(time.time() - started, 3),
                      "batch_size": cp["current_batch_size"], "rows_processed": cp["rows_processed"]}
             pm.hook.backfill_batch_completed(backfill=run.view, batch=event)
             self._publish(row)
-            if on_batch:
-                on_batch(self.summary(row, run.spec), event)
+            if on_batch:  # a repair reports its own range's progress
+                on_batch(self.summary(replace(row, checkpoint=cp) if run.scope else row, run.spec), event)
 
     def _should_stop(self, row: Row, since: int, max_batches, done: int) -> str | None:
         if self._stop.is_set():
@@ -338,7 +391,8 @@ class ClickHouseBackfillManager:
         if batch is None:
             found = keys.next_batch(self.ch_client, cp.get("position"), size)
             batch = found and Batch(cp.get("position"), found[0], found[1], size)
-        out = {**self.summary(row, spec), "rows_remaining": keys.remaining(self.ch_client, cp.get("position")),
+        out = {**self.summary(row, spec), "rows_remaining": self._remaining(keys, cp.get("position"), run.exact),
+               "rows_remaining_estimated": not run.exact,
                "first_batch": batch.to_json() if batch else None, "sql": None, "sql_parameters": None}
         if batch:
             out["sql"], out["sql_parameters"] = run.render(batch, 0)

@@ -38,6 +38,9 @@ class Run:
     known_settings: set = field(default_factory=set)
     target: tuple | None = None  # (database, table) the SQL inserts into, when it can be read
     window: dict | None = None  # the target's dedup window (token-only SQL)
+    exact: bool = False  # progress from an exact count of the source instead of the primary index
+    scope: str | None = None  # "repair": batches walk checkpoint["repair"], not the backfill's own position
+    until: list | None = None  # the last key this run may reach (a repair range's end)
 
     @property
     def backfill_id(self) -> str:
@@ -45,7 +48,8 @@ class Run:
 
     @property
     def checkpoint(self) -> dict:
-        return self.row.checkpoint
+        """Where this run keeps its position and in-flight range (a repair has its own)."""
+        return self.row.checkpoint[self.scope] if self.scope else self.row.checkpoint
 
     @cached_property
     def view(self) -> BackfillView:
@@ -71,7 +75,7 @@ class Run:
 
     def render(self, batch: Batch, retry_count: int) -> tuple[str, dict]:
         """The SQL and server-side parameters of exactly this batch's range."""
-        cp, keys = self.checkpoint, self.keys
+        cp, keys = self.row.checkpoint, self.keys  # params and values are the backfill's, also in a repair
         values = {k: v for k, v in cp.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
         values.update(cp.get("params") or {})
         for extra in pm.hook.backfill_placeholders(backfill=self.view, checkpoint=cp):

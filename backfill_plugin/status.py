@@ -7,23 +7,31 @@ from __future__ import annotations
 from .checkpoint import Row
 
 
-def summarize(row: Row, spec=None, remaining: int | None = None) -> dict:
-    """Progress and ETA come from source row counts and the recent rate; None means unknown."""
+def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool = True) -> dict:
+    """Progress and ETA come from source positions and the recent rate, never from target counts.
+
+    `remaining` is source rows past the position: an estimate from the primary index unless
+    counted (`estimated` False); None means unknown. An estimate never shows 100% before the end.
+    """
     cp = row.checkpoint
     done = int(cp.get("rows_processed", row.rows_processed))
     if remaining is None and cp.get("rows_total") is not None:
         remaining = max(0, int(cp["rows_total"]) - done)
+        estimated = bool(cp.get("rows_total_estimated", False))
     if row.status == "completed":
-        remaining = 0
+        remaining, estimated = 0, False
     rate = _rate(cp.get("recent") or [])
     total = done + remaining if remaining is not None else None
+    percent = round(100.0 * done / total, 2) if total else (100.0 if total == 0 else None)
+    if percent is not None and estimated and row.status != "completed":
+        percent = min(percent, 99.9)
     return {
         "migration_version": row.migration_version, "backfill_id": row.backfill_id, "db_name": row.db_name,
         "description": spec.description if spec else "",
         "status": row.status, "rows_processed": done, "batches_completed": int(cp.get("batches_completed", 0)),
         "current_batch_size": cp.get("current_batch_size"), "position": cp.get("position"),
-        "rows_remaining": remaining,
-        "progress_percent": round(100.0 * done / total, 2) if total else (100.0 if total == 0 else None),
+        "rows_remaining": remaining, "rows_remaining_estimated": estimated if remaining is not None else None,
+        "progress_percent": percent,
         "rows_per_second": round(rate, 1) if rate else None,
         "eta_seconds": round(remaining / rate, 1) if rate and remaining is not None else None,
         "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),

@@ -12,7 +12,8 @@ from migrator.cli import build
 from tests.conftest import assert_copied_exactly, assert_store_copied_exactly, run_migrate, start_migrate
 
 LIST_KEYS = {"migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
-             "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at"}
+             "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at",
+             "rows_remaining", "rows_remaining_estimated"}
 STATUS_KEYS = LIST_KEYS | {"checkpoint", "error_log", "rows_per_second", "eta_seconds", "lease"}
 
 UP = """CREATE TABLE {db}.src (k UInt64, v String) ENGINE = MergeTree ORDER BY k;
@@ -54,9 +55,13 @@ def test_run_prints_a_line_per_batch_and_status_json_contract(invoke):
     assert result.exit_code == 0, result.output
     assert [line.split(":")[0] for line in result.output.splitlines() if line.startswith("batch ")] == \
         ["batch 1", "batch 2", "batch 3"]
-    status = json.loads(invoke("backfill", "status", "1", "--json").output)
+    status = json.loads(invoke("backfill", "status", "1", "--json", "--exact").output)
     assert STATUS_KEYS <= set(status)
     assert (status["status"], status["rows_processed"], status["progress_percent"]) == ("paused", 1500, 30.0)
+    assert (status["rows_remaining"], status["rows_remaining_estimated"]) == (3500, False)
+    # Without --exact the primary index answers: whole granules, so never fewer rows than remain.
+    estimated = json.loads(invoke("backfill", "status", "1", "--json").output)
+    assert estimated["rows_remaining_estimated"] is True and estimated["rows_remaining"] >= 3500
     assert status["rows_per_second"] > 0 and status["eta_seconds"] >= 0
     assert status["checkpoint"]["position"] == [1499]
     done = invoke("backfill", "run", "1")
