@@ -42,15 +42,15 @@ OFF, AUTO = "off", "auto"  # a pacing limit turned off; max_target_parts from th
 
 def _or_words(check, *words):
     """A pacing field: a number checked by `check`, or one of the words (spelled the same on the CLI)."""
-    alternatives = " or ".join(f'"{w}"' for w in words) if len(words) == 1 else \
-        ", ".join(f'"{w}"' for w in words[:-1]) + f' or "{words[-1]}"'
+    quoted = [f'"{w}"' for w in words]
+    alternatives = (", " if len(quoted) > 1 else " or ") + ", ".join(quoted[:-1]) + \
+        (" or " if len(quoted) > 1 else "") + quoted[-1]
 
     def wrapped(value):
         if isinstance(value, str) and value in words:
             return None
         problem = check(value)
-        if problem:
-            return f"{problem}, {alternatives}" if problem.startswith("must be a") else f"{problem} or {alternatives}"
+        return problem + alternatives if problem else None
     return wrapped
 
 

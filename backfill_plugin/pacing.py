@@ -6,6 +6,7 @@ over a run is what the operator caps). Health throttling is in health.py.
 """
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 
@@ -112,7 +113,7 @@ class BatchSizer:
         oom = state["oom"]
         up = OOM_UP if oom else MAX_UP
         top = min(self.max, int(oom["failed_size"] * OOM_CAP)) if oom else self.max
-        new = int(min(max(ideal, size / MAX_DOWN), size * up))
+        new = int(min(max(ideal, math.ceil(size / MAX_DOWN)), size * up))
         new = max(self.min, min(top, new))
         if new == size or abs(new - size) < DEAD_BAND * size and self.min < new < top:
             return size
