@@ -63,21 +63,21 @@ class Health:
     def _system(self, table: str) -> str:
         return f"clusterAllReplicas({self.cluster}, system.{table})" if self.cluster else f"system.{table}"
 
-    def _query(self, signal: str, sql: str) -> list:
+    def _query(self, field: str, sql: str) -> list:
+        """Rows of a system-table query; a failure names the limit that turns the signal off."""
         try:
             return self.client.query(sql, parameters={"d": self.database, "t": self.table}).result_rows
         except Exception as exc:
-            field = {"target_parts": "max_target_parts", "pending_mutations": "max_pending_mutations",
-                     "replica_delay": "max_replica_delay_seconds"}[signal]
-            raise BackfillError(f"cannot read the {signal.replace('_', ' ')} of {self.name} ({one_line(exc)}); "
+            raise BackfillError(f"cannot read the health of {self.name} for {field} ({one_line(exc)}); "
                                 f"grant access to the system table or set {field} to \"off\"") from exc
 
     def check(self) -> Throttle | None:
         """The first signal over its limit, or None when the batch may start."""
-        engine = None
-        if not _off(self.limits.max_target_parts) or not _off(self.limits.max_replica_delay_seconds):
-            rows = self._query("target_parts", "SELECT engine, engine_full FROM system.tables "
-                                               "WHERE database = {d:String} AND name = {t:String}")
+        engine, needs = None, [f for f in ("max_target_parts", "max_replica_delay_seconds")
+                               if not _off(getattr(self.limits, f))]
+        if needs:  # read on every check: an ALTER ... MODIFY SETTING during the wait counts
+            rows = self._query(needs[0], "SELECT engine, engine_full FROM system.tables "
+                                         "WHERE database = {d:String} AND name = {t:String}")
             engine = rows[0] if rows else ("", "")
         return (self.target_parts(engine) or self.pending_mutations()
                 or self.replica_delay(engine[0] if engine else ""))
@@ -90,8 +90,8 @@ class Health:
         if match:
             value = int(match.group(1))
         else:
-            rows = self._query("target_parts", "SELECT value FROM system.merge_tree_settings "
-                                               "WHERE name = 'parts_to_delay_insert'")
+            rows = self._query("max_target_parts", "SELECT value FROM system.merge_tree_settings "
+                                                   "WHERE name = 'parts_to_delay_insert'")
             value = int(rows[0][0]) if rows else 0
         return (value or None), f"the table's parts_to_delay_insert {value}"  # 0: ClickHouse never delays
 
@@ -102,9 +102,9 @@ class Health:
         limit, label = self._parts_limit(engine[1])
         if limit is None:
             return None
-        rows = self._query("target_parts", f"SELECT partition_id, count() AS parts FROM {self._system('parts')} "
-                                           "WHERE database = {d:String} AND table = {t:String} AND active "
-                                           "GROUP BY hostName(), partition_id ORDER BY parts DESC LIMIT 1")
+        rows = self._query("max_target_parts", f"SELECT partition_id, count() AS parts FROM {self._system('parts')} "
+                                               "WHERE database = {d:String} AND table = {t:String} AND active "
+                                               "GROUP BY hostName(), partition_id ORDER BY parts DESC LIMIT 1")
         if not rows or rows[0][1] <= limit:
             return None
         partition, parts = rows[0][0], int(rows[0][1])
@@ -117,7 +117,7 @@ class Health:
         limit = self.limits.max_pending_mutations
         if _off(limit):
             return None
-        rows = self._query("pending_mutations",
+        rows = self._query("max_pending_mutations",
                            f"SELECT count(), min(create_time), argMin(mutation_id, create_time), "
                            f"anyIf(latest_fail_reason, latest_fail_reason != '') FROM {self._system('mutations')} "
                            "WHERE database = {d:String} AND table = {t:String} AND NOT is_done")
@@ -135,9 +135,9 @@ class Health:
         limit = self.limits.max_replica_delay_seconds
         if _off(limit) or not engine.startswith("Replicated"):
             return None
-        rows = self._query("replica_delay", f"SELECT replica_name, absolute_delay FROM {self._system('replicas')} "
-                                            "WHERE database = {d:String} AND table = {t:String} "
-                                            "ORDER BY absolute_delay DESC LIMIT 1")
+        rows = self._query("max_replica_delay_seconds",
+                           f"SELECT replica_name, absolute_delay FROM {self._system('replicas')} "
+                           "WHERE database = {d:String} AND table = {t:String} ORDER BY absolute_delay DESC LIMIT 1")
         if not rows or rows[0][1] <= limit:
             return None
         return Throttle("replica_delay", int(rows[0][1]), limit,

@@ -73,8 +73,9 @@ class BatchSizer:
         oom = self.state.get("oom") or {}
         failed = min(int(failed_size), oom.get("failed_size") or int(failed_size))
         self.state["oom"] = {"failed_size": failed, "batches_left": OOM_BATCHES, "halved_batch": True}
+        hold = f", then at most {_n(int(failed * OOM_CAP))} for {OOM_BATCHES} batches" if self.target else ""
         return self._change(self.state["size"], int(new_size),
-                            f"out of memory at {_n(int(failed_size))}: {_n(int(failed_size))} -> {_n(int(new_size))}")
+                            f"out of memory at {_n(int(failed_size))}: halved to {_n(int(new_size))}{hold}")
 
     def observe(self, rows: int, seconds: float, size: int) -> int:
         """Record a committed batch (source rows, seconds, the size it ran with); returns the next size.
