@@ -118,9 +118,10 @@ class Health:
         if _off(limit):
             return None
         rows = self._query("max_pending_mutations",
-                           f"SELECT count(), min(create_time), argMin(mutation_id, create_time), "
+                           f"SELECT count() AS pending, min(create_time), argMin(mutation_id, create_time), "
                            f"anyIf(latest_fail_reason, latest_fail_reason != '') FROM {self._system('mutations')} "
-                           "WHERE database = {d:String} AND table = {t:String} AND NOT is_done")
+                           "WHERE database = {d:String} AND table = {t:String} AND NOT is_done "
+                           "GROUP BY hostName() ORDER BY pending DESC LIMIT 1")  # each replica lists the same one
         count = int(rows[0][0]) if rows else 0
         if count <= int(limit):
             return None

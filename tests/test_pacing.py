@@ -232,17 +232,20 @@ class Recorder:
 class FakeReplicated:
     """A passthrough to chDB that records every query, but answers the target's engine as
     ReplicatedMergeTree and system.replicas with a lag: embedded chDB has no Keeper, so it can neither
-    create a Replicated table nor lag behind one (a fault the engine cannot produce on demand)."""
+    create a Replicated table nor lag behind one (a fault the engine cannot produce on demand). It has
+    no cluster either: with `cluster`, `clusterAllReplicas(cluster, system.x)` runs as `system.x`."""
 
-    def __init__(self, client, delay: int):
-        self.client, self.delay, self.sent = client, delay, []
+    def __init__(self, client, delay: int, cluster: str | None = None):
+        self.client, self.delay, self.cluster, self.sent = client, delay, cluster, []
 
     def query(self, sql, parameters=None, **kwargs):
         self.sent.append(sql)
+        if self.cluster:
+            sql = sql.replace(f"clusterAllReplicas({self.cluster}, system.", "system.")
         if "FROM system.tables" in sql:
             return SimpleNamespace(result_rows=[("ReplicatedMergeTree", "ReplicatedMergeTree('/t', 'r1') ORDER BY a")])
         if "system.replicas" in sql:
-            self.client.query(sql, parameters=parameters)  # the real engine must accept the SQL as sent
+            self.client.query(sql, parameters=parameters)  # the real engine must accept the rest of the SQL
             return SimpleNamespace(result_rows=[("r2", self.delay)])
         return self.client.query(sql, parameters=parameters, **kwargs)
 
@@ -261,8 +264,17 @@ def test_replica_delay_throttles_only_replicated_targets(ch_client, db):
     recorder = Recorder(ch_client)
     assert Health(recorder, db, "t", Limits(max_target_parts="off")).check() is None  # plain MergeTree on chDB
     assert recorder.sent and not any("system.replicas" in sql for sql in recorder.sent)
-    on_cluster = Health(ch_client, db, "t", Limits(), cluster="prod")
-    assert on_cluster._system("replicas") == "clusterAllReplicas(prod, system.replicas)"
+
+
+def test_on_a_cluster_every_signal_is_read_on_every_replica(ch_client, db):
+    _table(ch_client, db)  # 5 parts in partition 1 on chDB, the only "replica"
+    fake = FakeReplicated(ch_client, 412, cluster="prod")
+    throttle = Health(fake, db, "t", Limits(max_target_parts=10), cluster="prod").check()
+    assert throttle.signal == "replica_delay"  # parts (5 <= 10) and mutations (0) were read and passed
+    for table in ("parts", "mutations", "replicas"):
+        assert any(f"FROM clusterAllReplicas(prod, system.{table})" in sql for sql in fake.sent), (table, fake.sent)
+    assert Health(FakeReplicated(ch_client, 0, cluster="prod"), db, "t", Limits(max_target_parts=4),
+                  cluster="prod").check().value == 5
 
 
 def test_an_unreadable_system_table_is_a_one_line_error_naming_the_switch(ch_client, db):
