@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from types import SimpleNamespace
 
@@ -241,7 +242,7 @@ class FakeReplicated:
     def query(self, sql, parameters=None, **kwargs):
         self.sent.append(sql)
         if self.cluster:
-            sql = sql.replace(f"clusterAllReplicas({self.cluster}, system.", "system.")
+            sql = re.sub(rf"clusterAllReplicas\({self.cluster}, (system\.\w+)\)", r"\1", sql)
         if "FROM system.tables" in sql:
             return SimpleNamespace(result_rows=[("ReplicatedMergeTree", "ReplicatedMergeTree('/t', 'r1') ORDER BY a")])
         if "system.replicas" in sql:
