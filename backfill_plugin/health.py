@@ -15,9 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from .errors import BackfillError, one_line
+from .meta import AUTO, OFF
 from .pacing import nap
-
-OFF, AUTO = "off", "auto"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import math
 import time
 from datetime import datetime, timezone
 
+from .meta import OFF
+
 ALPHA = 0.3  # weight of the newest batch in the seconds-per-row average
 MAX_UP, MAX_DOWN = 1.5, 2.0  # per-step bounds: at most x1.5 up, /2 down
 DEAD_BAND = 0.1  # moves smaller than 10% are not worth a change (and a status line)
@@ -18,7 +20,7 @@ NAP = 1.0  # longest sleep between two should_stop() calls
 
 
 def _off(value) -> bool:
-    return value is None or value == "off"
+    return value is None or value == OFF
 
 
 def _n(value: int) -> str:
