@@ -37,6 +37,23 @@ def _number_pos(value):
         return "must be > 0"
 
 
+OFF, AUTO = "off", "auto"  # a pacing limit turned off; max_target_parts from the table's parts_to_delay_insert
+
+
+def _or_words(check, *words):
+    """A pacing field: a number checked by `check`, or one of the words (spelled the same on the CLI)."""
+    quoted = [f'"{w}"' for w in words]
+    alternatives = (", " if len(quoted) > 1 else " or ") + ", ".join(quoted[:-1]) + \
+        (" or " if len(quoted) > 1 else "") + quoted[-1]
+
+    def wrapped(value):
+        if isinstance(value, str) and value in words:
+            return None
+        problem = check(value)
+        return problem + alternatives if problem else None
+    return wrapped
+
+
 def _bool(value):
     return None if isinstance(value, bool) else "must be true or false"
 
@@ -100,6 +117,14 @@ FIELDS = {
     "run_on_startup": (False, False, _bool),
     "max_retries": (False, 3, _int(0)),
     "min_batch_size": (False, None, _int(1)),  # default: min(1000, batch_size), set below
+    "max_batch_size": (False, None, _int(1)),  # default: 10 x batch_size, set below
+    "target_batch_seconds": (False, OFF, _or_words(_number_pos, OFF)),
+    "max_rows_per_second": (False, OFF, _or_words(_number_pos, OFF)),
+    "max_target_parts": (False, AUTO, _or_words(_int(1), AUTO, OFF)),
+    # 10: a few routine mutations (lightweight deletes) run beside the backfill; a longer queue means
+    # the merge pool is busy rewriting the table and the backfill's new parts compete with it.
+    "max_pending_mutations": (False, 10, _or_words(_int(0), OFF)),
+    "max_replica_delay_seconds": (False, 300, _or_words(_number_pos, OFF)),
     "settings": (False, {}, _settings),
     "params": (False, {}, _params),
 }
@@ -170,8 +195,39 @@ def load_spec(migration: Migration) -> BackfillSpec:
     if meta["min_batch_size"] > meta["batch_size"]:
         raise BackfillError(f"{path}: field 'min_batch_size' ({meta['min_batch_size']}) "
                             f"is larger than 'batch_size' ({meta['batch_size']})")
+    if meta["max_batch_size"] is None:
+        meta["max_batch_size"] = min(10 * meta["batch_size"], MAX_INT)
+    if meta["max_batch_size"] < meta["batch_size"]:
+        raise BackfillError(f"{path}: field 'max_batch_size' ({meta['max_batch_size']}) "
+                            f"is smaller than 'batch_size' ({meta['batch_size']})")
+    target = meta["target_batch_seconds"]
+    if target != OFF and target >= meta["timeout_seconds"]:
+        raise BackfillError(f"{path}: field 'target_batch_seconds' ({target}) must be below "
+                            f"'timeout_seconds' ({meta['timeout_seconds']})")
     return BackfillSpec(migration.version, migration.name, migration.backfill_sql, path,
                         migration.backfill_validate, meta)
+
+
+PACING = ("max_batch_size", "target_batch_seconds", "max_rows_per_second", "max_target_parts",
+          "max_pending_mutations", "max_replica_delay_seconds")
+
+
+def parse_override(field: str, text: str):
+    """A pacing field given on the command line (`--max-target-parts off`), checked like the meta's."""
+    if field not in PACING:
+        raise ValueError(f"{field!r} is not a pacing field")
+    value: object = text.strip()
+    try:
+        value = int(value)
+    except ValueError:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    problem = FIELDS[field][2](value)
+    if problem:
+        raise BackfillError(f"--{field.replace('_', '-')} {problem} (got {text!r})")
+    return value
 
 
 def check_source(client, spec: BackfillSpec, database: str) -> dict[str, str]:
