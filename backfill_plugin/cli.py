@@ -20,6 +20,7 @@ from . import repair
 from .checkpoint import STATUSES, backfill_id
 from .control import ControlChannel
 from .errors import BackfillError
+from .meta import PACING, parse_override
 
 
 def control_for(app: App) -> ControlChannel | None:
@@ -50,6 +51,13 @@ def _remaining(info: dict) -> str:
         return "unknown"
     how = "estimated from the primary index; --exact counts" if info.get("rows_remaining_estimated") else "counted"
     return f"{info['rows_remaining']:,} source rows ({how})"
+
+
+def _throttled(info: dict) -> str:
+    t = info.get("throttled")
+    if not t:
+        return "-"
+    return f"{t['reason']} (value {t['value']}, limit {t['limit']}, for {time.time() - t['since']:.0f}s)"
 
 
 def _secs(value) -> str:
@@ -133,6 +141,14 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
                         TextColumn("batch {task.fields[size]}"), disable=not tty)
     task = None
 
+    def on_throttle(throttle):
+        if tty and task is not None:
+            progress.update(task, description=f"backfill {version} [yellow]throttled" if throttle else f"backfill {version}")
+        if throttle is not None:
+            click.echo(f"throttled: {throttle.reason}; no batch starts until it clears", err=True)
+        else:
+            click.echo("throttle cleared; going on", err=True)
+
     def on_batch(summary, event):
         nonlocal task
         if tty:
@@ -145,12 +161,12 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
             click.echo(f"batch {event['number']}: {event['rows']} rows in {event['seconds']}s, "
                        f"total {summary['rows_processed']:,} ({_fmt(summary['progress_percent'])}%), "
                        f"{_fmt(summary['rows_per_second'])} rows/s, eta {_secs(summary['eta_seconds'])}, "
-                       f"batch size {summary['current_batch_size']}")
+                       f"next batch size {summary['current_batch_size']}")
 
     started = time.time()
     with _Signals(mgr, version) as signals, progress:
         call = mgr.resume_backfill if resume else mgr.run_backfill
-        result = call(app.database, version, on_batch=on_batch, **kwargs)
+        result = call(app.database, version, on_batch=on_batch, on_throttle=on_throttle, **kwargs)
     elapsed = time.time() - started
     stopped = result.get("stopped")
     if stopped == "repaired":
@@ -169,6 +185,36 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
         click.echo(f"resume with 'migrate backfill resume {version}'")
     if stopped == "lease lost":
         raise BackfillError(f"backfill {version}: another runner took over the lease; this one stopped")
+
+
+PACING_HELP = {
+    "target_batch_seconds": "adapt the batch size so a batch takes about this long (or off)",
+    "max_batch_size": "upper bound for the adaptive batch size",
+    "max_rows_per_second": "ceiling on the average rate, source rows per second (or off)",
+    "max_target_parts": "wait while a target partition has more active parts (auto: parts_to_delay_insert; off)",
+    "max_pending_mutations": "wait while more mutations are pending on the target (or off)",
+    "max_replica_delay_seconds": "wait while a replica of the target lags more (or off)",
+}
+
+
+def pacing_options(command):
+    """`--target-batch-seconds`, `--max-rows-per-second` and the health limits, for this run only."""
+    for field in reversed(PACING):
+        command = click.option("--" + field.replace("_", "-"), field, default=None, metavar="VALUE",
+                               help=PACING_HELP[field])(command)
+    return command
+
+
+def _pacing(values: dict) -> dict:
+    """Command-line pacing values, checked like the meta's (one line naming the option)."""
+    out = {}
+    for field, text in values.items():
+        if text is not None:
+            try:
+                out[field] = parse_override(field, text)
+            except ValueError as exc:
+                raise BackfillError(str(exc)) from None
+    return out
 
 
 def _params(values) -> dict:
@@ -190,15 +236,16 @@ def _params(values) -> dict:
 @click.option("--range", "key_range", metavar="START..END", default=None,
               help="replay only the keys in (START, END], JSON arrays as 'position' shows them (START may be empty)")
 @click.option("--exact", is_flag=True, help="count the remaining source rows for progress instead of estimating")
+@pacing_options
 @pass_app
-def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact):
+def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact, **pacing):
     """Run (or continue) a backfill until it completes, or replay one key range of it."""
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
                                                           params=_params(params), dry_run=True, exact=exact))
         return
     _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params),
-         exact=exact, key_range=repair.parse(key_range) if key_range is not None else None)
+         exact=exact, key_range=repair.parse(key_range) if key_range is not None else None, pacing=_pacing(pacing))
 
 
 def _print_dry_run(version: int, out: dict) -> None:
@@ -222,10 +269,11 @@ def _print_dry_run(version: int, out: dict) -> None:
 @backfill.command()
 @click.argument("version", type=int)
 @click.option("--max-batches", type=click.IntRange(min=1), default=None)
+@pacing_options
 @pass_app
-def resume(app: App, version, max_batches):
+def resume(app: App, version, max_batches, **pacing):
     """Continue a paused or failed backfill from its checkpoint."""
-    _run(app, version, resume=True, max_batches=max_batches)
+    _run(app, version, resume=True, max_batches=max_batches, pacing=_pacing(pacing))
 
 
 def _held_by_other(app: App) -> bool:
@@ -258,10 +306,12 @@ def status(app: App, version, as_json, exact):
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    rows = [("backfill", info["backfill_id"]), ("status", info["status"]),
+    state = f"{info['status']} (throttled)" if info.get("throttled") else info["status"]
+    rows = [("backfill", info["backfill_id"]), ("status", state),
             ("position", json.dumps(info["position"], ensure_ascii=False)),
             ("rows processed", f"{info['rows_processed']:,}"), ("batches", info["batches_completed"]),
-            ("batch size", info["current_batch_size"]),
+            ("batch size", f"{info['current_batch_size']}" + (f" ({info['batch_size_reason']})" if info.get("batch_size_reason") else "")),
+            ("throttled", _throttled(info)),
             ("progress", _progress(info)), ("remaining", _remaining(info)),
             ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", _secs(info["eta_seconds"])),
             ("started", _fmt(info["started_at"], "-")), ("updated", _fmt(info["updated_at"], "-")),

@@ -26,6 +26,7 @@ from .errors import BackfillError, LeaseLost, one_line
 from .keys import KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
+from .pacer import Pacer
 from .render import read_template
 from .run import BackfillView, Run
 from .status import summarize
@@ -95,6 +96,7 @@ class ClickHouseBackfillManager:
             row.completed_at = utcnow()
         if status != "running":
             row.checkpoint.pop("lease", None)
+            row.checkpoint.pop("throttled", None)
         self._save(row)
         view = BackfillView(row.backfill_id, row.migration_version, row.db_name, self._spec.meta if self._spec else {})
         pm.hook.backfill_status_changed(backfill=view, status=status, error=error)
@@ -232,11 +234,14 @@ class ClickHouseBackfillManager:
     # -- running -------------------------------------------------------------------------
     def run_backfill(self, database: str, version: int, max_batches: int | None = None,
                      batch_size: int | None = None, params: dict | None = None,
-                     dry_run: bool = False, on_batch=None, exact: bool = False, key_range: tuple | None = None) -> dict:
+                     dry_run: bool = False, on_batch=None, exact: bool = False, key_range: tuple | None = None,
+                     pacing: dict | None = None, on_throttle=None) -> dict:
         """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches.
 
         `key_range` (start or None, end): replay only the keys in (start, end], each exactly once,
         e.g. a range that `validate` reported; the backfill's own position does not move.
+        `pacing` overrides the meta's pacing fields for this run (`target_batch_seconds`, limits, ...);
+        `on_throttle(throttle or None)` hears when the runner starts and stops waiting on a health signal.
         """
         check_identifier(database)
         spec, bid = self.spec(version), backfill_id(database, version)
@@ -270,7 +275,7 @@ class ClickHouseBackfillManager:
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
         try:
-            return self._loop(run, max_batches, on_batch)
+            return self._loop(run, max_batches, on_batch, pacing, on_throttle)
         except LeaseLost:
             raise  # the new runner owns the row now: write nothing
         except BaseException as exc:
@@ -322,24 +327,30 @@ class ClickHouseBackfillManager:
             raise LeaseLost(f"backfill {bid}: another runner ({lease.get('owner', 'unknown')}) took over the lease; "
                             f"this one stopped without running the batch")
 
-    def _loop(self, run: Run, max_batches, on_batch) -> dict:
-        row, cp, since, done = run.row, run.checkpoint, run.row.version, 0
+    def _loop(self, run: Run, max_batches, on_batch, pacing=None, on_throttle=None) -> dict:
+        row, cp, since, done, reason = run.row, run.checkpoint, run.row.version, 0, None
         execution = BatchExecution(run, self.attempts, lambda: self._save(row),
                                    lambda: self._confirm_lease(row.backfill_id), self.owner, self.sleep)
+        pacer = Pacer(run, self.cluster, pacing, lambda t: self._throttled(row, t, on_throttle), self.sleep)
+
+        def should_stop():
+            return self._should_stop(row, since, max_batches, done)
         while True:
             batch = run.in_flight
             if batch is None:
-                reason = self._should_stop(row, since, max_batches, done)
+                reason = reason or should_stop()
+                found = None if reason else run.keys.next_batch(self.ch_client, cp.get("position"),
+                                                                cp["current_batch_size"], run.until)
+                if found is None and not reason and run.scope:
+                    return self._finish_repair(run)
+                if found is None and not reason:
+                    self._set_status(row, "completed")
+                    return {**self.summary(row, run.spec), "stopped": "completed"}
+                reason = reason or pacer.before_batch(should_stop)  # only when a batch would start
                 if reason:
                     if reason != "lease lost":
                         self._set_status(row, "paused")
                     return {**self.summary(row, run.spec), "stopped": reason}
-                found = run.keys.next_batch(self.ch_client, cp.get("position"), cp["current_batch_size"], run.until)
-                if found is None and run.scope:
-                    return self._finish_repair(run)
-                if found is None:
-                    self._set_status(row, "completed")
-                    return {**self.summary(row, run.spec), "stopped": "completed"}
                 # A repair replays every batch: the SQL skips the rows its range already holds.
                 run.in_flight = Batch(cp.get("position"), found[0], found[1], cp["current_batch_size"],
                                       replay=bool(run.scope), first_attempt_at=time.time())  # a late replay is detectable
@@ -351,6 +362,7 @@ class ClickHouseBackfillManager:
                 run.in_flight = batch
             started = time.time()
             batch = execution.execute()
+            seconds = time.time() - started
             with self._lock:  # the heartbeat may save meanwhile: it must see a consistent checkpoint
                 run.in_flight = None
                 cp.update(position=batch.end, last_updated=utcnow().isoformat(),
@@ -360,13 +372,29 @@ class ClickHouseBackfillManager:
             done += 1
             if cp["rows_processed"] >= cp.get("rows_total", 0):  # the estimate ran out before the keys did
                 self._estimate_total(run)
+            next_size = pacer.sized(batch, seconds)
             event = {"number": cp["batches_completed"], "range_start": batch.start, "range_end": batch.end,
-                     "rows": batch.rows, "seconds": round(time.time() - started, 3),
-                     "batch_size": cp["current_batch_size"], "rows_processed": cp["rows_processed"]}
+                     "rows": batch.rows, "seconds": round(seconds, 3), "batch_size": batch.batch_size,
+                     "next_batch_size": next_size, "rows_processed": cp["rows_processed"]}
             pm.hook.backfill_batch_completed(backfill=run.view, batch=event)
             self._publish(row)
             if on_batch:  # a repair reports its own range's progress
                 on_batch(self.summary(replace(row, checkpoint=cp) if run.scope else row, run.spec), event)
+            reason = pacer.hold_rate(batch, should_stop)  # a pause that ends the wait is honoured, not lost
+
+    def _throttled(self, row: Row, throttle, on_throttle) -> None:
+        """Record (or clear) the health signal the runner waits on: `status` and the live file show it."""
+        with self._lock:
+            before = row.checkpoint.get("throttled")
+            if throttle is None:
+                row.checkpoint.pop("throttled", None)
+            else:
+                since = before["since"] if before and before["signal"] == throttle.signal else time.time()
+                row.checkpoint["throttled"] = {**throttle.to_json(), "since": since}
+            self.store.save(row)
+        self._publish(row)
+        if on_throttle:
+            on_throttle(throttle)
 
     def _should_stop(self, row: Row, since: int, max_batches, done: int) -> str | None:
         if self._stop.is_set():

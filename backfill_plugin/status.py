@@ -37,6 +37,9 @@ def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool
         "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
         "completed_at": _iso(row.completed_at), "error_log": row.error_log,
         "lease": cp.get("lease"), "checkpoint": cp,
+        # While the runner waits on a health signal: {signal, value, limit, reason, since}; else None.
+        "throttled": cp.get("throttled") if row.status == "running" else None,
+        "batch_size_reason": (cp.get("sizing") or {}).get("reason"),
     }
 
 

@@ -1,0 +1,73 @@
+"""What the batch loop asks before and after each batch: may the next one start, and how big is it.
+
+It joins the three controls (pacing.py, health.py): health throttling before a batch, the adaptive
+size and the rate ceiling after it. The loop stays a loop; the decisions live here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .health import Health, Limits, wait_until_healthy
+from .meta import PACING
+from .pacing import BatchSizer, RateCeiling
+
+log = logging.getLogger("backfill")
+
+
+def health_interval() -> float:
+    """Seconds between two health checks (BACKFILL_HEALTH_SECONDS, default 5): short batches pay no query each."""
+    return float(os.environ.get("BACKFILL_HEALTH_SECONDS", 5))
+
+
+class Pacer:
+    """The pacing of one run: meta values, overridden for this run by the command line.
+
+    `publish(throttle_or_None)` records the runner's throttled state (status, live file, progress).
+    """
+
+    def __init__(self, run, cluster: str | None, overrides: dict | None, publish, sleep=time.sleep,
+                 clock=time.monotonic):
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(given) - set(PACING)
+        if unknown:
+            raise TypeError(f"unknown pacing overrides: {sorted(unknown)}")
+        self.run, self.values = run, {**{f: run.spec.meta.get(f) for f in PACING}, **given}
+        meta, cp = run.spec.meta, run.checkpoint
+        self.sizer = BatchSizer(cp.setdefault("sizing", {}), cp["current_batch_size"], self.values["target_batch_seconds"],
+                                meta["min_batch_size"], self.values["max_batch_size"])
+        self.ceiling = RateCeiling(self.values["max_rows_per_second"], clock=clock, sleep=sleep)
+        limits = Limits.from_meta(self.values)
+        self.health = Health(run.client, *run.target, limits, cluster) if run.target else None
+        if run.target is None:
+            log.warning("the backfill SQL's target table could not be read: health throttling is off for this run")
+        self.publish, self.sleep, self.clock = publish, sleep, clock
+        self.checked_at = None
+
+    def before_batch(self, should_stop) -> str | None:
+        """Wait while the target is over a health limit; returns a stop reason if one ends the wait."""
+        if self.health is None or (self.checked_at is not None and self.clock() - self.checked_at < health_interval()):
+            return None
+        throttled = []
+
+        def on_throttled(throttle):
+            if not throttled or throttled[-1] != throttle:
+                log.warning("throttled: %s", throttle.reason)
+                self.publish(throttle)
+            throttled.append(throttle)
+        reason = wait_until_healthy(self.health.check, should_stop, on_throttled, self.sleep, self.clock)
+        self.checked_at = self.clock()
+        if throttled:
+            self.publish(None)
+        return reason
+
+    def sized(self, batch, seconds: float) -> int:
+        """The next batch's size, from this one's statement time (waits and sleeps left out)."""
+        size = self.sizer.observe(batch.rows, seconds, batch.batch_size)
+        self.run.checkpoint["current_batch_size"] = size
+        return size
+
+    def hold_rate(self, batch, should_stop) -> str | None:
+        """Sleep as long as the rate ceiling needs; a stop reason (pause, SIGTERM) ends the wait and is returned."""
+        return self.ceiling.after_batch(batch.rows, should_stop)
