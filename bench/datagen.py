@@ -1,13 +1,20 @@
-"""Benchmark data made inside the engine: calls written to `call_parts` by `INSERT ... SELECT FROM numbers()`.
+"""Benchmark data made inside the engine: `INSERT ... SELECT FROM numbers()`, a few statements per million calls.
 
 The Python generator (`backfill_plugin.demo`) needs about 15 minutes for 10M calls; this one writes the
-same kind of data with a few statements per million calls. Every value of call `n` is a hash of
-(seed, n), so any chunking and any two runs give identical data, and key order is unrelated to insert
-order. Per chunk, like a trace server: one INSERT of start parts, one of end parts (for ~90% of calls),
-one of later rename parts (~5% of calls), so `calls_merged` holds unmerged parts of one key that the
-021 backfill must finalise. Two shapes: `realistic` (payloads 50..2000 characters, log-uniform, as the
-demo) and `narrow` (payloads of 10..30 characters, a start and an end part per call, no renames, no
-refs), where the fixed cost of a batch weighs more.
+same kind of data (50 projects of Zipf-like sizes, random UUID ids, traces of a few calls) about 30x
+faster. Every value of call `n` is a hash of (seed, n), so two runs give identical data. Like a trace
+server, it writes one INSERT of start parts, one of end parts (for ~90% of calls) and one of later
+rename parts (~5%), so `calls_merged` holds unmerged parts of one key that the 021 backfill must
+finalise. The calls go out in key slices of about `chunk` calls (one key range per INSERT, random key
+order inside it), so the parts overlapping a key range stay as few at 20M calls as at 2M.
+
+By default the rows go straight into `calls_merged`, exactly as the materialized view would write them
+(each key occurs once per INSERT, so the view's GROUP BY folds nothing); `--via parts` writes
+`call_parts` and lets the view do it (identical content, about 3x slower).
+
+Shapes: `realistic` (payloads 50..2000 characters, log-uniform, refs, renames, as the demo) and
+`narrow` (payloads of 10..30 characters, a start and an end part per call, no renames, no refs), where
+the fixed cost of a batch weighs more.
 
     python bench/datagen.py --url chdb:///tmp/store --database bench --calls 2000000 --shape narrow
 """
