@@ -330,8 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--via", choices=("direct", "parts"), default="direct",
                     help="direct: the view's rows straight into calls_merged; parts: through call_parts and the view")
     args = ap.parse_args(argv)
+    if args.calls < 0 or args.chunk < 1:
+        ap.error("--calls must be >= 0 and --chunk >= 1")
     import clickhouse_connect
     client = clickhouse_connect.get_client(dsn=args.url)
+    table = "call_parts" if args.via == "parts" else "calls_merged"
+    if str(client.command(f"EXISTS TABLE {args.database}.{table}")).strip() != "1":
+        print(f"error: {args.database}.{table} does not exist: run `migrate up` first", file=sys.stderr)
+        return 1
     print(json.dumps(generate(client, args.database, args.calls, args.shape, args.seed, args.chunk, args.via,
                               echo=lambda s: print(s, file=sys.stderr))))
     return 0
