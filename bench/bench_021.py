@@ -2,7 +2,12 @@
 
 Each phase runs in its own process (chDB lets one process hold a store at a time), one after the
 other on the same store, so peak RSS (ru_maxrss) is per phase. Ratios are measured in this run;
-this is a script, not a timed test. Usage: python bench/bench_021.py [--calls 2000000]
+this is a script, not a timed test. The data comes from bench/datagen.py (in the engine, seeded).
+
+    python bench/bench_021.py [--calls 2000000] [--shape realistic|narrow] [--batch-size N |
+        --target-batch-seconds S] [--skip-single] [--scale] [--json]
+
+--scale runs the same shape at --calls and at 10x --calls and prints both side by side.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -21,6 +27,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DB = "bench"
+SEED = 42
+
+
+def _mem_total_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
 def phase(name: str, store: str, args: dict) -> dict:
@@ -30,6 +45,26 @@ def phase(name: str, store: str, args: dict) -> dict:
     if out.returncode != 0:
         sys.exit(f"phase {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def validate_phase(store: str) -> dict:
+    """`validate 21` through the CLI, in its own process: its wall time, peak RSS (wait4) and verdict."""
+    env = {**os.environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": DB}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "backfill_plugin", "validate", "21", "--json"],
+                                stdout=out, stderr=err, cwd=str(REPO), env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    result = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
+              "passed": proc.returncode == 0}
+    if proc.returncode != 0:
+        result["error"] = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["?"])[-1][:300]
+    return result
 
 
 def _client(store: str):
@@ -51,31 +86,52 @@ def _single_insert_sql(client) -> str:
     return sql.replace(f"INSERT INTO {DB}.calls_complete", f"INSERT INTO {DB}.calls_complete_single", 1)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The engine's error, short: 'Code: 241. ... maximum: 14.1 GiB (MEMORY_LIMIT_EXCEEDED)'."""
+    lines = str(exc).strip().splitlines()
+    line = next((x for x in lines if "Code:" in x), lines[0] if lines else type(exc).__name__)
+    name = re.search(r"\(([A-Z_]{6,})\)\s*$", line)
+    line = re.split(r":? \(while |: While ", line)[0][line.find("Code:") if "Code:" in line else 0:]
+    return (line[:300] + (f" ({name.group(1)})" if name and name.group(1) not in line else "")).strip()
+
+
 def run_phase(name: str, store: str, args: dict) -> dict:
     sys.path.insert(0, str(REPO))
     client = _client(store)
-    if name in ("single", "backfill"):
-        # Both measured phases read the same part layout: no background merge competes with either.
+    if name != "setup":
+        # The source's part layout stays as generated in every phase: no background merge folds the
+        # unmerged parts between the single statement and the backfill, or competes with either.
         client.command(f"SYSTEM STOP MERGES {DB}.calls_merged")
+        client.command(f"SYSTEM STOP MERGES {DB}.call_parts")
     started = time.perf_counter()
     result: dict = {}
     if name == "setup":
-        from backfill_plugin.demo import generate_calls
+        from bench.datagen import generate
         from migrator.runner import Context, Migrator
         Migrator(Context(client, DB, REPO / "migrations", echo=lambda s: None)).up()
-        result = generate_calls(client, DB, args["calls"], seed=42)
+        client.command(f"SYSTEM STOP MERGES {DB}.calls_merged")
+        client.command(f"SYSTEM STOP MERGES {DB}.call_parts")
+        result = generate(client, DB, args["calls"], args["shape"], seed=SEED, chunk=args["chunk"])
         client.command(f"CREATE TABLE {DB}.calls_complete_single AS {DB}.calls_complete")
         # Fix the cutover now (first start), with zero batches run, so both phases see the same params.
         from backfill_plugin import ClickHouseBackfillManager
         ClickHouseBackfillManager(client, migrations_dir=REPO / "migrations").run_backfill(DB, 21, max_batches=0)
         result["source_rows"] = client.command(f"SELECT count() FROM {DB}.calls_merged")
+        result["source_parts"] = client.command(
+            f"SELECT count() FROM system.parts WHERE database = '{DB}' AND table = 'calls_merged' AND active")
     elif name == "idle":
         client.command("SELECT 1")
     elif name == "warm":
         client.command(f"SELECT sum(length(toString(tuple(*)))) FROM {DB}.calls_merged FORMAT Null")
     elif name == "single":
-        client.command(_single_insert_sql(client))
-        result["rows"] = client.command(f"SELECT count() FROM {DB}.calls_complete_single")
+        limit = args["max_memory_usage"]
+        try:
+            client.command(_single_insert_sql(client), settings={"max_memory_usage": limit})
+            result["rows"] = client.command(f"SELECT count() FROM {DB}.calls_complete_single")
+        except Exception as exc:  # the engine's own error (e.g. MEMORY_LIMIT_EXCEEDED) is the result
+            result["error"] = _one_line(exc)
+            client.command(f"TRUNCATE TABLE {DB}.calls_complete_single")
+        result["max_memory_usage"] = limit
     elif name == "backfill":
         from backfill_plugin import ClickHouseBackfillManager
         times = []
@@ -97,63 +153,202 @@ def run_phase(name: str, store: str, args: dict) -> dict:
         pm.register(StartClock())
         if args.get("batch_size"):
             mgr.run_backfill(DB, 21, max_batches=0, batch_size=args["batch_size"])
+        extra = {}
+        if args.get("target_batch_seconds") is not None:  # only when asked: today's signature keeps working
+            extra["target_batch_seconds"] = args["target_batch_seconds"]
         started = time.perf_counter()
-        status = mgr.run_backfill(DB, 21, on_batch=on_batch)
+        status = mgr.run_backfill(DB, 21, on_batch=on_batch, **extra)
         result = {"rows": client.command(f"SELECT count() FROM {DB}.calls_complete"), "batch_times": times,
-                  "status": status["status"], "batch_size": status["current_batch_size"]}
+                  "status": status["status"], "batch_size": status["current_batch_size"],
+                  "source_rows": status.get("rows_processed")}
     elif name == "compare":
-        fp = "SELECT count(), sum(cityHash64(project_id, id, display_name, started_at, ended_at, output_dump, input_refs))"
-        result = {"equal": client.query(f"{fp} FROM {DB}.calls_complete").result_rows ==
-                  client.query(f"{fp} FROM {DB}.calls_complete_single").result_rows,
-                  "dupes": client.command(f"SELECT count() - uniqExact(project_id, id) FROM {DB}.calls_complete")}
+        fp = ("SELECT count(), sum(cityHash64(project_id, id, display_name, started_at, ended_at, output_dump, "
+              "input_refs))")
+        result = {"dupes": client.command(f"SELECT count() - uniqExact(project_id, id) FROM {DB}.calls_complete"),
+                  "source_rows": client.command(f"SELECT count() FROM {DB}.calls_merged")}
+        if args.get("single_ok"):
+            result["equal"] = (client.query(f"{fp} FROM {DB}.calls_complete").result_rows ==
+                               client.query(f"{fp} FROM {DB}.calls_complete_single").result_rows)
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
+def run_size(calls: int, opts, echo) -> dict:
+    """Every phase at one size, on a fresh store that is removed afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench021-"))
+    store = str(workdir / "store")
+    res: dict = {"calls": calls}
+    try:
+        echo(f"[{calls:,} calls, {opts.shape}] generating")
+        res["setup"] = phase("setup", store, {"calls": calls, "shape": opts.shape, "chunk": opts.chunk})
+        res["idle"] = phase("idle", store, {})
+        if not opts.skip_single:
+            echo(f"[{calls:,} calls] single INSERT ... SELECT")
+            phase("warm", store, {})
+            res["single"] = phase("single", store, {"max_memory_usage": opts.max_memory_usage})
+        echo(f"[{calls:,} calls] backfill")
+        phase("warm", store, {})
+        res["backfill"] = phase("backfill", store, {"batch_size": opts.batch_size,
+                                                    "target_batch_seconds": opts.target_batch_seconds})
+        echo(f"[{calls:,} calls] validate")
+        res["validate"] = validate_phase(store)
+        single_ok = "single" in res and "error" not in res["single"]
+        res["compare"] = phase("compare", store, {"single_ok": single_ok})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1024:.2f} GB" if value >= 1024 else f"{value:.0f} MB"
+
+
+def rows_for(r: dict) -> list[tuple[str, str]]:
+    """The report rows of one size."""
+    setup, idle, bf, val, cmp = r["setup"], r["idle"], r["backfill"], r["validate"], r["compare"]
+    single = r.get("single")
+    times = bf["batch_times"] or [float("nan")]
+    tenth = max(1, len(times) // 10)
+    first, last = statistics.median(times[:tenth]), statistics.median(times[-tenth:])
+    source_rows = setup["source_rows"]
+    rows = [
+        ("calls / complete / source rows (parts)",
+         f"{setup['calls']:,} / {setup['complete']:,} / {source_rows:,} ({setup['source_parts']} parts), "
+         f"generated in {setup['generate_seconds']:.0f} s"),
+    ]
+    if single is None:
+        rows.append(("single INSERT ... SELECT", "skipped"))
+    elif "error" in single:
+        rows.append(("single INSERT ... SELECT",
+                     f"FAILED after {single['seconds']:.1f} s, peak RSS {_mb(single['peak_rss_mb'])} "
+                     f"(max_memory_usage {single['max_memory_usage'] / 2**30:.2f} GiB): {single['error']}"))
+    else:
+        rows.append(("single INSERT ... SELECT", f"{single['seconds']:.2f} s, peak RSS {_mb(single['peak_rss_mb'])}, "
+                                                 f"{single['rows']:,} rows"))
+    rows += [
+        ("021 backfill", f"{bf['seconds']:.2f} s in {len(bf['batch_times'])} batches (last size "
+                         f"{bf['batch_size']:,}), peak RSS {_mb(bf['peak_rss_mb'])}, {bf['rows']:,} rows, "
+                         f"{bf['status']}"),
+        ("source rows per second (backfill)", f"{source_rows / bf['seconds']:,.0f}"),
+    ]
+    if single is not None and "error" not in single:
+        rows += [
+            ("time ratio backfill / single (target <= 1.1)", f"{bf['seconds'] / single['seconds']:.2f}"),
+            ("memory ratio backfill / single (target <= 0.5)",
+             f"{bf['peak_rss_mb'] / single['peak_rss_mb']:.2f} (above idle: "
+             f"{(bf['peak_rss_mb'] - idle['peak_rss_mb']) / max(1, single['peak_rss_mb'] - idle['peak_rss_mb']):.2f})"),
+            ("targets equal", "yes" if cmp.get("equal") else "NO"),
+        ]
+    rows += [
+        ("duplicate keys in calls_complete", f"{cmp['dupes']}"),
+        ("flatness, median batch last/first tenth (target <= 1.3)", f"{last / first:.2f} ({last:.3f}s / {first:.3f}s)"),
+        ("validate 21 (CLI)", f"{'passed' if val['passed'] else 'FAILED'} in {val['seconds']:.2f} s, "
+                              f"peak RSS {_mb(val['peak_rss_mb'])}" + (f": {val['error']}" if 'error' in val else "")),
+        ("peak RSS of an idle process", _mb(idle["peak_rss_mb"])),
+    ]
+    if cmp["source_rows"] != source_rows:
+        rows.append(("WARNING", f"calls_merged changed from {source_rows:,} to {cmp['source_rows']:,} rows during the run"))
+    return rows
+
+
+def scale_rows(small: dict, big: dict) -> list[tuple[str, str, str, str]]:
+    """Side-by-side rows of a --scale run: value at N, at 10N, and the ratio 10N / N."""
+    def rps(r):
+        return r["setup"]["source_rows"] / r["backfill"]["seconds"]
+
+    def single(r):
+        s = r.get("single")
+        if s is None:
+            return "skipped"
+        if "error" in s:
+            code = re.search(r"\(([A-Z_]{6,})\)$", s["error"])
+            return f"failed after {s['seconds']:.0f} s, {_mb(s['peak_rss_mb'])}: {code.group(1) if code else 'error'}"
+        return f"{s['seconds']:.1f} s, {_mb(s['peak_rss_mb'])}"
+    rows = [
+        ("source rows", f"{small['setup']['source_rows']:,}", f"{big['setup']['source_rows']:,}",
+         f"{big['setup']['source_rows'] / small['setup']['source_rows']:.2f}x"),
+        ("backfill peak RSS (target <= 1.3x)", _mb(small["backfill"]["peak_rss_mb"]), _mb(big["backfill"]["peak_rss_mb"]),
+         f"{big['backfill']['peak_rss_mb'] / small['backfill']['peak_rss_mb']:.2f}x"),
+        ("validate peak RSS (target <= 1.3x)", _mb(small["validate"]["peak_rss_mb"]), _mb(big["validate"]["peak_rss_mb"]),
+         f"{big['validate']['peak_rss_mb'] / small['validate']['peak_rss_mb']:.2f}x"),
+        ("source rows/s of the backfill (target >= 0.9x)", f"{rps(small):,.0f}", f"{rps(big):,.0f}",
+         f"{rps(big) / rps(small):.2f}x"),
+        ("backfill wall time", f"{small['backfill']['seconds']:.1f} s", f"{big['backfill']['seconds']:.1f} s",
+         f"{big['backfill']['seconds'] / small['backfill']['seconds']:.2f}x"),
+        ("validate wall time", f"{small['validate']['seconds']:.1f} s", f"{big['validate']['seconds']:.1f} s",
+         f"{big['validate']['seconds'] / small['validate']['seconds']:.2f}x"),
+        ("validate passed", str(small["validate"]["passed"]), str(big["validate"]["passed"]), ""),
+        ("single INSERT ... SELECT", single(small), single(big), ""),
+    ]
+    return rows
+
+
+def _settings_line(opts) -> str:
+    mode = (f"target {opts.target_batch_seconds} s per batch" if opts.target_batch_seconds is not None
+            else f"batch size {opts.batch_size:,}" if opts.batch_size else "meta batch size")
+    return (f"bench_021 {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"{_mem_total_bytes() / 2**30:.0f} GiB, Python {platform.python_version()}; shape {opts.shape}, {mode}, "
+            f"seed {SEED}, single statement max_memory_usage {opts.max_memory_usage / 2**30:.2f} GiB")
+
+
+def _print_table(rows, header=None) -> None:
+    cols = len(rows[0])
+    table = ([header] if header else []) + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(cols - 1)]
+    for r in table:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=2_000_000)
-    ap.add_argument("--batch-size", type=int, default=None, help="override the meta batch_size")
-    ap.add_argument("--store", default=None)
-    ap.add_argument("--phase", default=None)
-    ap.add_argument("--args", default="{}")
+    ap.add_argument("--calls", type=int, default=2_000_000, help="calls to generate (default 2000000)")
+    ap.add_argument("--shape", choices=("realistic", "narrow"), default="realistic",
+                    help="realistic: payloads 50..2000 chars, renames; narrow: payloads 10..30 chars, start+end only")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--batch-size", type=int, default=None, help="fixed batch size (overrides the meta)")
+    size.add_argument("--target-batch-seconds", type=float, default=None,
+                      help="size batches to this duration instead of a fixed size")
+    ap.add_argument("--skip-single", action="store_true", help="do not run the single INSERT ... SELECT")
+    ap.add_argument("--scale", action="store_true", help="run at --calls and at 10x --calls, side by side")
+    ap.add_argument("--chunk", type=int, default=1_000_000, help="calls per generated key slice (default 1000000)")
+    ap.add_argument("--single-max-memory-gb", type=float, default=None,
+                    help="max_memory_usage of the single statement (default 60%% of RAM)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--args", default="{}", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.phase:
         print(json.dumps(run_phase(opts.phase, opts.store, json.loads(opts.args))))
         return
-    workdir = Path(tempfile.mkdtemp(prefix="bench021-"))
-    store = str(workdir / "store")
-    try:
-        setup = phase("setup", store, {"calls": opts.calls})
-        idle = phase("idle", store, {})
-        phase("warm", store, {})
-        single = phase("single", store, {})
-        phase("warm", store, {})
-        bf = phase("backfill", store, {"batch_size": opts.batch_size})
-        cmp = phase("compare", store, {})
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    times = bf["batch_times"]
-    tenth = max(1, len(times) // 10)
-    first, last = statistics.median(times[:tenth]), statistics.median(times[-tenth:])
-    rows = [
-        ("calls generated", f"{setup['calls']:,} ({setup['complete']:,} complete), {setup['source_rows']:,} source rows"),
-        ("rows copied (single / backfill)", f"{single['rows']:,} / {bf['rows']:,}"),
-        ("targets equal, duplicate keys", f"{cmp['equal']}, {cmp['dupes']}"),
-        ("single INSERT wall time", f"{single['seconds']:.2f} s"),
-        ("backfill wall time", f"{bf['seconds']:.2f} s in {len(times)} batches of {bf['batch_size']:,}"),
-        ("time ratio (target <= 1.25)", f"{bf['seconds'] / single['seconds']:.2f}"),
-        ("peak RSS idle / single / backfill", f"{idle['peak_rss_mb']:.0f} / {single['peak_rss_mb']:.0f} / {bf['peak_rss_mb']:.0f} MB"),
-        ("memory ratio (target <= 0.5)", f"{bf['peak_rss_mb'] / single['peak_rss_mb']:.2f} "
-                                          f"(above idle: {(bf['peak_rss_mb'] - idle['peak_rss_mb']) / max(1, single['peak_rss_mb'] - idle['peak_rss_mb']):.2f})"),
-        ("flatness, median batch last/first tenth (target <= 1.3)", f"{last / first:.2f} ({last:.3f}s / {first:.3f}s)"),
-    ]
-    print(f"bench_021 on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d')}")
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    if opts.calls < 1000:
+        ap.error("--calls must be at least 1000")
+    # The single statement must fail with the engine's MEMORY_LIMIT_EXCEEDED, never bring in the OOM killer.
+    opts.max_memory_usage = (int(opts.single_max_memory_gb * 2**30) if opts.single_max_memory_gb
+                             else int(_mem_total_bytes() * 0.6))
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+    sizes = [opts.calls, opts.calls * 10] if opts.scale else [opts.calls]
+    results = [run_size(n, opts, echo) for n in sizes]
+    if opts.json:
+        print(json.dumps({"settings": {"shape": opts.shape, "batch_size": opts.batch_size,
+                                       "target_batch_seconds": opts.target_batch_seconds, "seed": SEED,
+                                       "chunk": opts.chunk, "cores": os.cpu_count(),
+                                       "mem_total_bytes": _mem_total_bytes(),
+                                       "max_memory_usage": opts.max_memory_usage,
+                                       "date": time.strftime("%Y-%m-%d %H:%M")},
+                          "results": results}, indent=2))
+        return
+    print(_settings_line(opts))
+    for r in results:
+        print(f"\n{r['calls']:,} calls")
+        _print_table(rows_for(r))
+    if opts.scale:
+        small, big = results
+        print(f"\nscale: {small['calls']:,} vs {big['calls']:,} calls")
+        _print_table(scale_rows(small, big), header=("measure", f"{small['calls']:,}", f"{big['calls']:,}", "ratio"))
 
 
 if __name__ == "__main__":
