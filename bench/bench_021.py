@@ -5,7 +5,7 @@ other on the same store, so peak RSS (ru_maxrss) is per phase. Ratios are measur
 this is a script, not a timed test. The data comes from bench/datagen.py (in the engine, seeded).
 
     python bench/bench_021.py [--calls 2000000] [--shape realistic|narrow] [--batch-size N |
-        --target-batch-seconds S] [--skip-single] [--scale] [--json]
+        --target-batch-seconds S] [--variants 100000,target=5] [--skip-single] [--scale] [--json]
 
 --scale runs the same shape at --calls and at 10x --calls and prints both side by side.
 """
@@ -154,13 +154,17 @@ def run_phase(name: str, store: str, args: dict) -> dict:
         if args.get("batch_size"):
             mgr.run_backfill(DB, 21, max_batches=0, batch_size=args["batch_size"])
         extra = {}
-        if args.get("target_batch_seconds") is not None:  # only when asked: today's signature keeps working
-            extra["target_batch_seconds"] = args["target_batch_seconds"]
+        if args.get("target_batch_seconds") is not None:  # the size adapts from the meta's batch_size
+            extra["pacing"] = {"target_batch_seconds": args["target_batch_seconds"]}
         started = time.perf_counter()
         status = mgr.run_backfill(DB, 21, on_batch=on_batch, **extra)
         result = {"rows": client.command(f"SELECT count() FROM {DB}.calls_complete"), "batch_times": times,
                   "status": status["status"], "batch_size": status["current_batch_size"],
                   "source_rows": status.get("rows_processed")}
+    elif name == "reset":  # another backfill variant on the same data: an empty target, the same params
+        from backfill_plugin import ClickHouseBackfillManager
+        client.command(f"TRUNCATE TABLE {DB}.calls_complete")
+        ClickHouseBackfillManager(client, migrations_dir=REPO / "migrations").reset_backfill(DB, 21)
     elif name == "compare":
         fp = ("SELECT count(), sum(cityHash64(project_id, id, display_name, started_at, ended_at, output_dump, "
               "input_refs))")
@@ -195,6 +199,16 @@ def run_size(calls: int, opts, echo) -> dict:
         res["validate"] = validate_phase(store)
         single_ok = "single" in res and "error" not in res["single"]
         res["compare"] = phase("compare", store, {"single_ok": single_ok})
+        res["variants"] = []
+        for variant in opts.variants:  # more backfills of the same data: ratios without noise from new data
+            echo(f"[{calls:,} calls] backfill variant {variant}")
+            phase("reset", store, {})
+            phase("warm", store, {})
+            target = variant.startswith("target=")
+            run = phase("backfill", store, {"batch_size": None if target else int(variant),
+                                            "target_batch_seconds": float(variant[7:]) if target else None})
+            run["variant"], run["compare"] = variant, phase("compare", store, {"single_ok": single_ok})
+            res["variants"].append(run)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return res
@@ -247,6 +261,12 @@ def rows_for(r: dict) -> list[tuple[str, str]]:
                               f"peak RSS {_mb(val['peak_rss_mb'])}" + (f": {val['error']}" if 'error' in val else "")),
         ("peak RSS of an idle process", _mb(idle["peak_rss_mb"])),
     ]
+    for v in r.get("variants", []):
+        label = f"variant {v['variant']}: {len(v['batch_times'])} batches, last size {v['batch_size']:,}"
+        ratio = f", ratio {v['seconds'] / single['seconds']:.2f}" if single is not None and "error" not in single else ""
+        equal = "" if v["compare"].get("equal") is None else f", targets equal {'yes' if v['compare']['equal'] else 'NO'}"
+        rows.append((label, f"{v['seconds']:.2f} s{ratio}, vs main run {v['seconds'] / bf['seconds']:.2f}, "
+                            f"peak RSS {_mb(v['peak_rss_mb'])}, duplicate keys {v['compare']['dupes']}{equal}"))
     if cmp["source_rows"] != source_rows:
         rows.append(("WARNING", f"calls_merged changed from {source_rows:,} to {cmp['source_rows']:,} rows during the run"))
     return rows
@@ -310,6 +330,9 @@ def main() -> None:
     size.add_argument("--target-batch-seconds", type=float, default=None,
                       help="size batches to this duration instead of a fixed size")
     ap.add_argument("--skip-single", action="store_true", help="do not run the single INSERT ... SELECT")
+    ap.add_argument("--variants", default="", metavar="V,V",
+                    help="more backfills of the same data after the main one: batch sizes and/or target=S "
+                         "(e.g. 100000,target=5), each reported against the single statement and the main run")
     ap.add_argument("--scale", action="store_true", help="run at --calls and at 10x --calls, side by side")
     ap.add_argument("--chunk", type=int, default=1_000_000, help="calls per generated key slice (default 1000000)")
     ap.add_argument("--single-max-memory-gb", type=float, default=None,
@@ -322,6 +345,10 @@ def main() -> None:
     if opts.phase:
         print(json.dumps(run_phase(opts.phase, opts.store, json.loads(opts.args))))
         return
+    opts.variants = [v.strip() for v in opts.variants.split(",") if v.strip()]
+    for v in opts.variants:
+        if not (v.isdigit() or re.fullmatch(r"target=\d+(\.\d+)?", v)):
+            ap.error(f"--variants: {v!r} is neither a batch size nor target=SECONDS")
     if opts.calls < 1000:
         ap.error("--calls must be at least 1000")
     # The single statement must fail with the engine's MEMORY_LIMIT_EXCEEDED, never bring in the OOM killer.
