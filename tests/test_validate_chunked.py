@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +18,7 @@ from backfill_plugin.errors import BackfillError
 from backfill_plugin.lease import new_lease
 from backfill_plugin.manager import ClickHouseBackfillManager
 from backfill_plugin.validate import Validation, repair_command, validate
+from tests.conftest import REPO, Lines, migrate_env, start_migrate
 
 RANGE_ROWS = 150  # about 2,000 source rows: a dozen ranges
 
@@ -144,3 +148,28 @@ def test_not_started_is_a_one_line_error(ch_client, db, project_migrations, migr
     mgr = ClickHouseBackfillManager(ch_client, migrations_dir=project_migrations)
     with pytest.raises(BackfillError, match=f"backfill {db}_21 has not started; nothing to validate"):
         validate(mgr, db, 21)
+
+
+def test_ctrl_c_saves_the_position_and_the_next_validate_resumes(cli):
+    """SIGINT to `migrate backfill validate` in a subprocess: exit 130 after the current range, then resume."""
+    assert cli("up").returncode == 0
+    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.demo", "--calls", "3000", "--seed", "2"],
+                         env=migrate_env(cli.store), capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert cli("backfill", "run", "21").returncode == 0
+    whole = cli("backfill", "validate", "21", "--range-rows", "40", "--json")
+    assert whole.returncode == 0, whole.stderr
+    proc = start_migrate(["backfill", "validate", "21", "--range-rows", "40", "--restart"], cli.store)
+    lines = Lines(proc)
+    lines.wait_for("range ", count=3)
+    proc.send_signal(signal.SIGINT)
+    out, err = lines.rest()
+    assert proc.returncode == 130, err
+    assert "position saved; resume with 'migrate backfill validate 21'" in err
+    again = cli("backfill", "validate", "21", "--json")
+    assert again.returncode == 0, again.stderr
+    assert "resuming the validation of backfill 21 after" in again.stderr
+    first, second = json.loads(whole.stdout), json.loads(again.stdout)
+    assert second["resumed"] and not first["resumed"] and second["range_rows"] == 40
+    keys = ("ok", "checks", "differing_ranges", "ranges_checked", "rows_walked")
+    assert {k: second[k] for k in keys} == {k: first[k] for k in keys}
