@@ -85,6 +85,8 @@ class Validation:
             raise BackfillError(f"{spec.validate_path}: holds no SQL statement")
         self.keys = manager.keyspace(spec, database)
         self.limit = None if row.status == "completed" else row.checkpoint.get("position")
+        if row.status != "completed" and self.limit is None:
+            raise BackfillError(f"backfill {bid} is {row.status} and has not completed a batch; nothing to validate")
         self.basis = {"status": row.status, "position": row.checkpoint.get("position"),
                       "rows_processed": int(row.checkpoint.get("rows_processed") or 0)}
         stored = row.checkpoint.get("validation") or {}
