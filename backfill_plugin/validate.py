@@ -56,6 +56,14 @@ def estimate_total(manager, keys, row, limit) -> int:
     return keys.remaining(manager.ch_client, None)
 
 
+def _readable(state) -> bool:
+    """A stored validation a resume can go on from (hand-edited or foreign state starts over)."""
+    shapes = {"range_rows": int, "ranges_checked": int, "rows_walked": int, "checks": list, "differences": list,
+              "differences_total": int, "once": list, "finished": bool, "basis": dict}
+    return (isinstance(state, dict) and all(isinstance(state.get(k), t) for k, t in shapes.items())
+            and (state.get("position") is None or isinstance(state["position"], list)))
+
+
 def _add(total, value):
     if isinstance(total, int) and isinstance(value, int) and not isinstance(value, bool):
         return total + value
@@ -89,9 +97,10 @@ class Validation:
             raise BackfillError(f"backfill {bid} is {row.status} and has not completed a batch; nothing to validate")
         self.basis = {"status": row.status, "position": row.checkpoint.get("position"),
                       "rows_processed": int(row.checkpoint.get("rows_processed") or 0)}
-        stored = row.checkpoint.get("validation") or {}
+        stored, self.note = row.checkpoint.get("validation") or {}, None
+        if stored and not _readable(stored):
+            stored, self.note = {}, "the stored validation state is unreadable: starting over"
         size = int(range_rows or stored.get("range_rows") or DEFAULT_RANGE_ROWS)
-        self.note = None
         if stored and not restart and not stored.get("finished"):
             if stored.get("basis") != self.basis:
                 self.note = "the backfill moved on since the stored validation: starting over"

@@ -173,3 +173,12 @@ def test_ctrl_c_saves_the_position_and_the_next_validate_resumes(cli):
     assert second["resumed"] and not first["resumed"] and second["range_rows"] == 40
     keys = ("ok", "checks", "differing_ranges", "ranges_checked", "rows_walked")
     assert {k: second[k] for k in keys} == {k: first[k] for k in keys}
+
+
+def test_a_validation_state_that_is_not_ours_starts_over(ch_client, db, backfilled):
+    row = backfilled.store.load(backfill_id(db, 21))
+    row.checkpoint["validation"] = {"position": "not a key", "finished": False}
+    backfilled.store.save(row)
+    val = Validation(backfilled, db, 21, range_rows=RANGE_ROWS)
+    assert not val.resumed and val.note == "the stored validation state is unreadable: starting over"
+    assert val.run()["ok"]
