@@ -335,7 +335,7 @@ def _print_validation(version: int, out: dict) -> None:
 @click.argument("version", type=int)
 @click.option("--json", "as_json", is_flag=True, help="print the result document")
 @click.option("--range-rows", type=click.IntRange(min=1), default=None,
-              help="source rows per range (default 1000000, or the stored validation's when resuming)")
+              help="source rows per range (default 500000, or the stored validation's when resuming)")
 @click.option("--restart", is_flag=True, help="start over instead of resuming a stopped validation")
 @pass_app
 def validate(app: App, version, as_json, range_rows, restart):
