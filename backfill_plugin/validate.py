@@ -100,13 +100,15 @@ class Validation:
         stored, self.note = row.checkpoint.get("validation") or {}, None
         if stored and not _readable(stored):
             stored, self.note = {}, "the stored validation state is unreadable: starting over"
-        size = int(range_rows or stored.get("range_rows") or DEFAULT_RANGE_ROWS)
-        if stored and not restart and not stored.get("finished"):
+        unfinished = bool(stored) and not restart and not stored.get("finished")
+        # Without --range-rows a stopped validation goes on with its own range size.
+        size = int(range_rows or (stored.get("range_rows") if unfinished else None) or DEFAULT_RANGE_ROWS)
+        if unfinished:
             if stored.get("basis") != self.basis:
                 self.note = "the backfill moved on since the stored validation: starting over"
             elif stored.get("range_rows") != size:
                 self.note = f"range size {size} differs from the stored validation's {stored.get('range_rows')}: starting over"
-        self.resumed = bool(stored) and not restart and not stored.get("finished") and self.note is None
+        self.resumed = unfinished and self.note is None
         self.state = stored if self.resumed else self._fresh(size)
         self.values = {k: v for k, v in row.checkpoint.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
         self.values.update(row.checkpoint["params"] or {})

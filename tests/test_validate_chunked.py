@@ -17,7 +17,7 @@ from backfill_plugin.demo import generate_calls
 from backfill_plugin.errors import BackfillError
 from backfill_plugin.lease import new_lease
 from backfill_plugin.manager import ClickHouseBackfillManager
-from backfill_plugin.validate import Validation, repair_command, validate
+from backfill_plugin.validate import DEFAULT_RANGE_ROWS, Validation, repair_command, validate
 from tests.conftest import REPO, Lines, migrate_env, start_migrate
 
 RANGE_ROWS = 150  # about 2,000 source rows: a dozen ranges
@@ -110,8 +110,9 @@ def test_a_resumed_validation_gives_the_uninterrupted_result(ch_client, db, back
     assert resumed["resumed"]
     keys = ("ok", "checks", "differing_ranges", "differing_ranges_total", "ranges_checked", "rows_walked")
     assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
-    # A finished validation runs again from scratch.
-    assert not Validation(backfilled, db, 21).resumed
+    # A finished validation runs again from scratch, with the default range size unless told otherwise.
+    fresh = Validation(backfilled, db, 21)
+    assert not fresh.resumed and fresh.state["range_rows"] == DEFAULT_RANGE_ROWS and fresh.state["ranges_checked"] == 0
 
 
 def test_a_clean_backfill_passes_and_the_status_row_is_untouched(ch_client, db, backfilled):
