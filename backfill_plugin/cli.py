@@ -348,23 +348,127 @@ def reset(app: App, version, yes):
     click.echo(f"reset {backfill_id(app.database, version)} to pending")
 
 
+class _StopSignals:
+    """First SIGINT/SIGTERM: stop after the current range (its progress is saved). Second: exit now;
+    the state keeps the last finished range. A watcher thread reads the signals from a wakeup fd,
+    because the main thread may be inside a long query that Python cannot interrupt."""
+
+    def __init__(self, what: str):
+        self.what, self.signum, self.previous = what, None, {}
+
+    def __enter__(self):
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self.previous_fd = signal.set_wakeup_fd(write)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, lambda *a: None)
+        threading.Thread(target=self._watch, args=(read,), daemon=True, name="signals").start()
+        return self
+
+    def _watch(self, read: int) -> None:
+        while True:
+            signum = os.read(read, 1)[0]
+            if self.signum is None:
+                self.signum = signum
+                click.echo(f"\n{signal.Signals(signum).name}: stopping after the current range "
+                           f"(send again to stop now)", err=True)
+                continue
+            click.echo(f"stopped inside a range; {self.what}", err=True)
+            os._exit(128 + self.signum)
+
+    def __exit__(self, *exc):
+        signal.set_wakeup_fd(self.previous_fd)
+
+    def stop_requested(self) -> bool:
+        return self.signum is not None
+
+
+def _range_text(start, end) -> str:
+    after = "from the first key" if start is None else f"after {json.dumps(start, ensure_ascii=False)}"
+    return f"{after} up to and including {json.dumps(end, ensure_ascii=False)}"
+
+
+def _print_validation(version: int, out: dict) -> None:
+    """The per-check totals and the first differing ranges, with the command that repairs each."""
+    table = Table("Check", "Expected", "Actual", "Failed ranges", "Result")
+    for c in out["checks"]:
+        table.add_row(c["check"], str(c["expected"]), str(c["actual"]), str(c["ranges_failed"]),
+                      "ok" if c["ok"] else "MISMATCH")
+    Console(width=160).print(table)
+    shown = out["differing_ranges"][:5]
+    if shown:
+        click.echo(f"differing ranges: {out['differing_ranges_total']}; the first {len(shown)} "
+                   f"(start exclusive, end inclusive):")
+    for d in shown:
+        click.echo(f"- {_range_text(d['start'], d['end'])} ({d['rows']:,} source rows): " + "; ".join(
+            f"{c['check']} expected {c['expected']} actual {c['actual']}" for c in d["checks"] if not c["ok"]))
+        click.echo(f"  repair: {d['repair']}")
+    for row in out["once"]:
+        if not row["ok"]:
+            click.echo(f"- whole table (runs once): {row['check']} expected {row['expected']} actual {row['actual']}")
+    if out["differing_ranges_total"] > len(shown):
+        click.echo(f"... and {out['differing_ranges_total'] - len(shown)} more differing ranges (see --json)")
+
+
 @backfill.command()
 @click.argument("version", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result document")
+@click.option("--range-rows", type=click.IntRange(min=1), default=None,
+              help="source rows per range (default 500000, or the stored validation's when resuming)")
+@click.option("--restart", is_flag=True, help="start over instead of resuming a stopped validation")
 @pass_app
-def validate(app: App, version, as_json):
-    """Run the backfill's validation checks; exit non-zero on any mismatch."""
-    from .validate import validate as run_checks
-    results = run_checks(manager(app), app.database, version)
+def validate(app: App, version, as_json, range_rows, restart):
+    """Validate a backfill range by range (resumable); exit non-zero on any mismatch."""
+    from .validate import Validation
+    v = Validation(manager(app), app.database, version, range_rows, restart)
+    say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    st = v.state
+    if v.note:
+        say(f"validation of backfill {version}: {v.note}")
+    if v.resumed:
+        say(f"resuming the validation of backfill {version} after {json.dumps(st['position'], ensure_ascii=False)} "
+            f"({st['ranges_checked']} ranges, {st['rows_walked']:,} source rows already checked; --restart to start over)")
+    if v.limit is not None:
+        say(f"backfill {version} is {v.basis['status']}: validating only up to its position "
+            f"{json.dumps(v.limit, ensure_ascii=False)}")
+    tty = (sys.stderr if as_json else sys.stdout).isatty()
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"), TimeRemainingColumn(),
+                        TextColumn("{task.fields[diff]} differing"),
+                        console=Console(stderr=as_json), disable=not tty)
+    task = progress.add_task(f"validate {version}", total=max(v.estimate, st["rows_walked"], 1),
+                             completed=st["rows_walked"], diff=st["differences_total"])
+    started, walked_before = time.time(), st["rows_walked"]
+
+    def on_range(val, rng):
+        total = max(val.estimate, val.state["rows_walked"])
+        if tty:
+            progress.update(task, completed=val.state["rows_walked"], total=total, diff=val.state["differences_total"])
+            return
+        rate = (val.state["rows_walked"] - walked_before) / max(time.time() - started, 1e-6)
+        eta = max(total - val.state["rows_walked"], 0) / rate if rate else None
+        say(f"range {val.state['ranges_checked']}: {rng['rows']:,} rows {'ok' if rng['ok'] else 'DIFFERS'}, "
+            f"total {val.state['rows_walked']:,} of about {total:,} "
+            f"({100 * val.state['rows_walked'] / max(total, 1):.1f}%), eta {_secs(eta)}, "
+            f"{val.state['differences_total']} differing")
+
+    with _StopSignals(f"resume with 'migrate backfill validate {version}'") as signals, progress:
+        out = v.run(on_range, signals.stop_requested)
+    if out["stopped"]:
+        if as_json:
+            click.echo(json.dumps(out, indent=2, default=str))
+        click.echo(f"validation of backfill {version} stopped after {out['ranges_checked']} ranges "
+                   f"({out['rows_walked']:,} source rows); position saved; resume with "
+                   f"'migrate backfill validate {version}'", err=True)
+        sys.exit(128 + (signals.signum or signal.SIGINT))
     if as_json:
-        click.echo(json.dumps(results, indent=2, default=str))
+        click.echo(json.dumps(out, indent=2, default=str))
     else:
-        table = Table("Check", "Expected", "Actual", "Result")
-        for r in results:
-            table.add_row(str(r.get("check")), str(r.get("expected")), str(r.get("actual")),
-                          "ok" if r["ok"] else "MISMATCH")
-        Console(width=160).print(table)
-    failed = [r for r in results if not r["ok"]]
-    if failed:
-        raise BackfillError(f"validation of backfill {version} failed: {', '.join(str(r.get('check')) for r in failed)}")
-    click.echo(f"validation of backfill {version} passed ({len(results)} checks)")
+        _print_validation(version, out)
+    scope = "" if out["scope_end"] is None else f", up to position {json.dumps(out['scope_end'], ensure_ascii=False)}"
+    if not out["ok"]:
+        failed = [c["check"] for c in out["checks"] if not c["ok"]]
+        raise BackfillError(f"validation of backfill {version} failed: {', '.join(failed)} "
+                            f"({out['differing_ranges_total']} differing ranges{scope})")
+    click.echo(f"validation of backfill {version} passed ({len(out['checks'])} checks, {out['ranges_checked']} "
+               f"ranges, {out['rows_walked']:,} source rows{scope})", err=as_json)

@@ -99,6 +99,18 @@ def test_validate_fails_on_a_missing_or_duplicated_row(store):
     check = run_migrate(["backfill", "validate", "21"], store)
     assert check.returncode == 1 and "MISMATCH" in check.stdout
     assert check.stderr.startswith("error: validation of backfill 21 failed: missing_in_calls_complete"), check.stderr
+    # In small ranges: exactly one range differs, it holds the removed key, and its repair command is printed.
+    removed = sql(store, "SELECT project_id, id FROM d.kept")[0][0]
+    check = run_migrate(["backfill", "validate", "21", "--range-rows", "3000", "--json"], store)
+    assert check.returncode == 1, check.stderr
+    out = json.loads(check.stdout)
+    assert out["ranges_checked"] > 5 and out["differing_ranges_total"] == 1 and not out["ok"]
+    (diff,) = out["differing_ranges"]
+    assert diff["start"] is None and diff["end"] >= removed  # the first key: the first range
+    assert diff["repair"] == f"migrate backfill run 21 --range '..{json.dumps(diff['end'])}'"
+    text = run_migrate(["backfill", "validate", "21", "--range-rows", "3000"], store)
+    assert "differing ranges: 1; the first 1 (start exclusive, end inclusive):" in text.stdout, text.stdout
+    assert f"  repair: {diff['repair']}" in text.stdout
     sql(store, "INSERT INTO d.calls_complete SELECT * FROM d.kept", "INSERT INTO d.calls_complete SELECT * FROM d.kept")
     check = run_migrate(["backfill", "validate", "21"], store)
     assert check.returncode == 1 and "MISMATCH" in check.stdout

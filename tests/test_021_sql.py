@@ -105,17 +105,17 @@ def run_in_batches(client, db, rows_per_batch: int, **kw) -> int:
         position, batches = end, batches + 1
 
 
-def validate(client, db, *, cutover: str = CUTOVER_TEXT) -> dict:
-    """{check name: (expected, actual, ok)} from the validation SQL."""
+def validate(client, db, *, cutover: str = CUTOVER_TEXT, batch: str = "1") -> dict:
+    """{check name: (expected, actual, ok)} from the validation SQL over one range (default: the whole table)."""
     out = {}
     for chunk in VALIDATE.split(";"):
         if not "\n".join(ln for ln in chunk.splitlines() if not ln.strip().startswith("--")).strip():
             continue
-        result = client.query(render(chunk, db, cutover=cutover))
+        result = client.query(render(chunk, db, cutover=cutover, batch=batch))
         assert result.column_names == ("check", "expected", "actual", "ok")
-        assert len(result.result_rows) == 1
-        check, expected, actual, ok = result.result_rows[0]
-        out[check] = (expected, actual, ok)
+        for check, expected, actual, ok in result.result_rows:
+            assert check not in out, f"check {check} returned twice"
+            out[check] = (expected, actual, ok)
     return out
 
 
@@ -333,9 +333,10 @@ def backfilled(_sql_client, sdb):
 def test_validation_passes_on_a_correct_backfill(_sql_client, backfilled):
     result = validate(_sql_client, backfilled)
     assert set(result) == {"missing_in_calls_complete", "duplicate_keys_in_calls_complete",
-                           "source_count_equals_target_rows", "sample_rows_equal_source"}
+                           "source_count_equals_target_rows", "rows_equal_source"}
     assert all(ok for _, _, ok in result.values()), result
     assert result["source_count_equals_target_rows"][:2] == (4, 4)
+    assert result["rows_equal_source"][:2] == (3, 3)  # 'near' started within the dedup window: not compared
 
 
 def test_validation_fails_when_a_row_is_missing(_sql_client, backfilled):
@@ -343,7 +344,7 @@ def test_validation_fails_when_a_row_is_missing(_sql_client, backfilled):
     result = validate(_sql_client, backfilled)
     assert result["missing_in_calls_complete"] == (0, 1, 0)
     assert result["source_count_equals_target_rows"] == (4, 3, 0)
-    assert result["sample_rows_equal_source"][2] == 0
+    assert result["rows_equal_source"] == (3, 2, 0)
 
 
 def test_validation_fails_when_a_row_is_duplicated(_sql_client, backfilled):
@@ -351,17 +352,39 @@ def test_validation_fails_when_a_row_is_duplicated(_sql_client, backfilled):
     result = validate(_sql_client, backfilled)
     assert result["duplicate_keys_in_calls_complete"] == (0, 1, 0)
     assert result["source_count_equals_target_rows"] == (4, 5, 0)
-    assert result["missing_in_calls_complete"][2] == 1
+    assert result["missing_in_calls_complete"][2] == 1 and result["rows_equal_source"] == (3, 3, 1)
 
 
 @pytest.mark.parametrize("change", ["output_dump = 'tampered'", "output_dump = NULL", "exception = 'x'",
-                                    "output_refs = []", "started_at = started_at + toIntervalMillisecond(1)"])
+                                    "output_refs = []", "started_at = started_at + toIntervalMillisecond(1)",
+                                    "trace_id = ''", "display_name = 'other'", "wb_run_step = 99",
+                                    "input_refs = ['in-c', 'in-c']", "ended_at = ended_at + toIntervalSecond(1)"])
 def test_validation_fails_when_a_row_is_altered(_sql_client, backfilled, change):
     c = _sql_client
     c.command(f"ALTER TABLE {backfilled}.calls_complete UPDATE {change} WHERE id = 'c' SETTINGS mutations_sync = 2")
     result = validate(c, backfilled)
-    assert result["sample_rows_equal_source"] == (0, 1, 0)
+    assert result["rows_equal_source"] == (3, 2, 0)
     assert result["missing_in_calls_complete"][2] == 1 and result["duplicate_keys_in_calls_complete"][2] == 1
+    # Per range: only the range holding 'c' differs.
+    assert validate(c, backfilled, batch=batch_range(None, ("p", "b")))["rows_equal_source"] == (2, 2, 1)
+    assert validate(c, backfilled, batch=batch_range(("p", "b"), None))["rows_equal_source"] == (1, 0, 0)
+
+
+def test_validation_range_prunes_source_and_target_by_primary_key(_sql_client, sdb):
+    c = _sql_client
+    c.command(f"INSERT INTO {sdb}.call_parts (project_id, id, started_at, ended_at) "
+              f"SELECT 'p' || toString(number % 10), leftPad(toString(number), 8, '0'), "
+              f"toDateTime64('2025-01-01 00:00:00', 3, 'UTC'), toDateTime64('2025-01-01 00:00:01', 3, 'UTC') "
+              f"FROM numbers(200000) SETTINGS async_insert = 0")
+    c.command(f"OPTIMIZE TABLE {sdb}.calls_merged FINAL")
+    run_batch(c, sdb)
+    c.command(f"OPTIMIZE TABLE {sdb}.calls_complete FINAL")
+    query = render(VALIDATE, sdb, batch=batch_range(("p3", "00000100"), ("p3", "00050000")))
+    plan = "\n".join(r[0] for r in c.query("EXPLAIN indexes = 1 " + query.strip().rstrip(";")).result_rows)
+    for table in ("calls_merged", "calls_complete"):
+        part = plan[plan.index(f"ReadFromMergeTree ({sdb}.{table})"):]
+        used, total = map(int, re.search(r"Granules: (\d+)/(\d+)", part).groups())  # its own, the first after it
+        assert 0 < used <= 2 and total >= 24, plan
 
 
 # --- demo data ------------------------------------------------------------------------------------
