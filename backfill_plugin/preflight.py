@@ -29,6 +29,7 @@ def check(run, cluster: str | None) -> None:
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = dedup.known_settings(run.client, also=WALK_SETTINGS)
     run.keys.known_settings = run.known_settings
+    run.keys.fast_ends = has_table_function(run.client, "mergeTreeIndex")
     sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:
@@ -39,6 +40,12 @@ def check(run, cluster: str | None) -> None:
         return
     run.window = dedup.window(run.client, *run.target)
     dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
+
+
+def has_table_function(client, name: str) -> bool:
+    """Whether the server has a table function (mergeTreeIndex arrived in ClickHouse 24.3)."""
+    return bool(client.command("SELECT count() FROM system.table_functions WHERE name = {n:String}",
+                               parameters={"n": name}))
 
 
 def check_single_shard(client, cluster: str) -> None:

@@ -40,6 +40,12 @@ MUTATIONS = [
      '    if not lease or lease.get("owner") == me:\n        return None',
      '    if True:\n        return None',
      [T + "test_faults.py", "-k", "second_runner_refused_while_the_first_runs"]),
+    ("repair batches run as first attempts", "backfill_plugin/manager.py",
+     "replay=bool(run.scope)", "replay=False",
+     [T + "test_repair_range.py", "-k", "restores_exactly_the_range"]),
+    ("health never checked", "backfill_plugin/pacer.py",
+     "if self.health is None or", "if True or",
+     [T + "test_pacing_loop.py", "-k", "too_many_parts"]),
 ]
 
 
