@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import threading
 import time
 
 import click
@@ -21,6 +18,7 @@ from .checkpoint import STATUSES, backfill_id
 from .control import ControlChannel
 from .errors import BackfillError
 from .meta import PACING, parse_override
+from .signals import Signals
 
 
 def control_for(app: App) -> ControlChannel | None:
@@ -91,47 +89,6 @@ def list_cmd(app: App, status, as_json, exact):
     Console(width=160).print(table)
 
 
-class _Signals:
-    """First SIGINT/SIGTERM: stop at the batch boundary. Second: record `paused` and exit now; the
-    interrupted batch is replayed on resume. A watcher thread reads the signals from a wakeup fd,
-    because the main thread may be inside a long batch query that Python cannot interrupt."""
-
-    def __init__(self, mgr, version: int):
-        self.mgr, self.version, self.signum, self.previous = mgr, version, None, {}
-
-    def __enter__(self):
-        read, write = os.pipe()
-        os.set_blocking(write, False)
-        self.previous_fd = signal.set_wakeup_fd(write)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, lambda *a: None)  # the watcher acts, not the main thread
-        threading.Thread(target=self._watch, args=(read,), daemon=True, name="signals").start()
-        return self
-
-    def _watch(self, read: int) -> None:
-        while True:
-            signum = os.read(read, 1)[0]
-            if self.signum is None:
-                self.signum = signum
-                self.mgr.request_stop()
-                click.echo(f"\n{signal.Signals(signum).name}: stopping after the current batch "
-                           f"(send again to stop now; the interrupted batch is replayed on resume)", err=True)
-                continue
-            try:
-                self.mgr.abandon_batch()
-                click.echo(f"stopped inside a batch; its range is replayed on resume. "
-                           f"Resume with 'migrate backfill resume {self.version}'", err=True)
-            finally:
-                os._exit(self.exit_code)
-
-    def __exit__(self, *exc):
-        signal.set_wakeup_fd(self.previous_fd)  # handlers stay no-ops until exit: a late signal is ignored
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum if self.signum else 130
-
-
 def _run(app: App, version: int, resume: bool, **kwargs) -> None:
     mgr = manager(app)
     tty = sys.stdout.isatty()
@@ -164,7 +121,9 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
                        f"next batch size {summary['current_batch_size']}")
 
     started = time.time()
-    with _Signals(mgr, version) as signals, progress:
+    with Signals("stopping after the current batch (send again to stop now; the interrupted batch is replayed "
+                 "on resume)", f"stopped inside a batch; its range is replayed on resume. Resume with 'migrate "
+                 f"backfill resume {version}'", mgr.request_stop, mgr.abandon_batch) as signals, progress:
         call = mgr.resume_backfill if resume else mgr.run_backfill
         result = call(app.database, version, on_batch=on_batch, on_throttle=on_throttle, **kwargs)
     elapsed = time.time() - started
@@ -348,41 +307,6 @@ def reset(app: App, version, yes):
     click.echo(f"reset {backfill_id(app.database, version)} to pending")
 
 
-class _StopSignals:
-    """First SIGINT/SIGTERM: stop after the current range (its progress is saved). Second: exit now;
-    the state keeps the last finished range. A watcher thread reads the signals from a wakeup fd,
-    because the main thread may be inside a long query that Python cannot interrupt."""
-
-    def __init__(self, what: str):
-        self.what, self.signum, self.previous = what, None, {}
-
-    def __enter__(self):
-        read, write = os.pipe()
-        os.set_blocking(write, False)
-        self.previous_fd = signal.set_wakeup_fd(write)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, lambda *a: None)
-        threading.Thread(target=self._watch, args=(read,), daemon=True, name="signals").start()
-        return self
-
-    def _watch(self, read: int) -> None:
-        while True:
-            signum = os.read(read, 1)[0]
-            if self.signum is None:
-                self.signum = signum
-                click.echo(f"\n{signal.Signals(signum).name}: stopping after the current range "
-                           f"(send again to stop now)", err=True)
-                continue
-            click.echo(f"stopped inside a range; {self.what}", err=True)
-            os._exit(128 + self.signum)
-
-    def __exit__(self, *exc):
-        signal.set_wakeup_fd(self.previous_fd)
-
-    def stop_requested(self) -> bool:
-        return self.signum is not None
-
-
 def _range_text(start, end) -> str:
     after = "from the first key" if start is None else f"after {json.dumps(start, ensure_ascii=False)}"
     return f"{after} up to and including {json.dumps(end, ensure_ascii=False)}"
@@ -452,7 +376,8 @@ def validate(app: App, version, as_json, range_rows, restart):
             f"({100 * val.state['rows_walked'] / max(total, 1):.1f}%), eta {_secs(eta)}, "
             f"{val.state['differences_total']} differing")
 
-    with _StopSignals(f"resume with 'migrate backfill validate {version}'") as signals, progress:
+    with Signals("stopping after the current range (send again to stop now)",
+                 f"stopped inside a range; resume with 'migrate backfill validate {version}'") as signals, progress:
         out = v.run(on_range, signals.stop_requested)
     if out["stopped"]:
         if as_json:
@@ -460,7 +385,7 @@ def validate(app: App, version, as_json, range_rows, restart):
         click.echo(f"validation of backfill {version} stopped after {out['ranges_checked']} ranges "
                    f"({out['rows_walked']:,} source rows); position saved; resume with "
                    f"'migrate backfill validate {version}'", err=True)
-        sys.exit(128 + (signals.signum or signal.SIGINT))
+        sys.exit(signals.exit_code)
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
     else:

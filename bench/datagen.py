@@ -28,18 +28,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-PROJECTS = 50
+from backfill_plugin.demo import OP_NAMES, PROJECTS, WORDS  # the same vocabulary as the demo data
+
 TRACE_BLOCK = 16  # traces never cross a block of 16 consecutive calls
-OP_NAMES = (
-    "openai.chat.completions.create", "anthropic.Messages.create", "Evaluation.evaluate",
-    "Evaluation.predict_and_score", "Model.predict", "retrieve_documents", "rerank", "embed_query",
-    "score_relevance", "summarize", "tool_call", "agent_step", "parse_response", "run_pipeline",
-)
-WORDS = (
-    "the model answered a question about retrieval augmented generation with citations and "
-    "a short summary while the evaluator scored relevance faithfulness latency cost tokens "
-    "prompt completion user assistant system tool context document chunk embedding vector"
-).split()
 
 
 @dataclass(frozen=True)
