@@ -41,10 +41,17 @@ def test_list_json_shows_discovered_then_registered(invoke):
     before = json.loads(invoke("backfill", "list", "--json").output)
     assert [(i["migration_version"], i["status"]) for i in before] == [(1, "not registered")]
     assert set(before[0]) == LIST_KEYS
+    assert before[0]["rows_remaining"] is None and before[0]["progress_percent"] is None  # no source table yet
     assert invoke("up").exit_code == 0
     after = json.loads(invoke("backfill", "list", "--json").output)
     assert after[0]["status"] == "pending" and after[0]["description"] == "copy src"
+    # A pending backfill has a progress now: an estimate from the primary index, or a count with --exact.
+    assert (after[0]["rows_remaining"] >= 5000, after[0]["rows_remaining_estimated"], after[0]["progress_percent"]) \
+        == (True, True, 0.0)
+    exact = json.loads(invoke("backfill", "list", "--json", "--exact").output)
+    assert (exact[0]["rows_remaining"], exact[0]["rows_remaining_estimated"]) == (5000, False)
     table = invoke("backfill", "list").output
+    assert "~0.0%" in table
     for header in ("Version", "Description", "Status", "Progress", "Rows", "Started", "Updated"):
         assert header in table
 
