@@ -17,13 +17,13 @@ from migrator.discovery import discover
 from migrator.plugins import ensure_registered, pm
 from migrator.sqltext import check_identifier
 
+from . import dedup, plugin, preflight, repair
 from . import params as params_
-from . import plugin, preflight, repair
 from .attempt import Attempts, BatchExecution
 from .batch import Batch
 from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state_client, utcnow
 from .errors import BackfillError, LeaseLost, one_line
-from .keys import KeySpace
+from .keys import WALK_SETTINGS, KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .meta import BackfillSpec, check_source, load_spec
 from .pacer import Pacer
@@ -59,6 +59,7 @@ class ClickHouseBackfillManager:
         self._lock = threading.Lock()
         self._row: Row | None = None
         self._spec: BackfillSpec | None = None
+        self._walk: tuple | None = None  # (known settings, has mergeTreeIndex) of this server
 
     # -- discovery -----------------------------------------------------------------------
     def _discover_backfill_files(self) -> dict[int, BackfillSpec]:
@@ -73,8 +74,16 @@ class ClickHouseBackfillManager:
                             f"(expected {version:03d}_name.backfill.sql + .backfill.meta)")
 
     def keyspace(self, spec: BackfillSpec, database: str) -> KeySpace:
-        """The source's checkpoint columns, checked against the table before anything runs."""
-        return KeySpace(database, spec.meta["source_table"], check_source(self.ch_client, spec, database))
+        """The source's checkpoint columns, checked against the table before anything runs.
+
+        Every walk (a run, `validate`, a dry run) reads range ends the cheap way this server allows:
+        from the primary index, else in small unbuffered blocks, so memory never follows the number
+        of source parts (asked once per manager).
+        """
+        if self._walk is None:
+            self._walk = (dedup.known_settings(self.ch_client, also=WALK_SETTINGS),
+                          preflight.has_table_function(self.ch_client, "mergeTreeIndex"))
+        return KeySpace(database, spec.meta["source_table"], check_source(self.ch_client, spec, database), *self._walk)
 
     # -- state helpers -------------------------------------------------------------------
     def _save(self, row: Row) -> Row:

@@ -13,7 +13,6 @@ from migrator import tracking
 
 from . import dedup
 from .errors import BackfillError
-from .keys import WALK_SETTINGS
 from .lease import lease_seconds
 
 log = logging.getLogger("backfill")
@@ -27,9 +26,7 @@ def check(run, cluster: str | None) -> None:
         check_single_shard(run.client, cluster)
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
-    run.known_settings = dedup.known_settings(run.client, also=WALK_SETTINGS)
-    run.keys.known_settings = run.known_settings
-    run.keys.fast_ends = has_table_function(run.client, "mergeTreeIndex")
+    run.known_settings = run.keys.known_settings or dedup.known_settings(run.client)
     sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:

@@ -183,3 +183,25 @@ def test_a_validation_state_that_is_not_ours_starts_over(ch_client, db, backfill
     val = Validation(backfilled, db, 21, range_rows=RANGE_ROWS)
     assert not val.resumed and val.note == "the stored validation state is unreadable: starting over"
     assert val.run()["ok"]
+
+
+def test_run_range_repairs_exactly_the_reported_range(ch_client, db, backfilled):
+    """The repair command validate prints, parsed as the CLI parses it and run: the missing call comes
+    back, nothing else is written, and a fresh validation passes."""
+    from backfill_plugin.repair import parse
+    keys = [tuple(r) for r in ch_client.query(f"SELECT project_id, id FROM {db}.calls_complete "
+                                              f"ORDER BY project_id, id").result_rows]
+    gone = keys[len(keys) // 3]
+    ch_client.command(f"DELETE FROM {db}.calls_complete WHERE project_id = {{p:String}} AND id = {{i:String}}",
+                      parameters={"p": gone[0], "i": gone[1]}, settings={"mutations_sync": 2})
+    out = validate(backfilled, db, 21, range_rows=RANGE_ROWS)
+    assert out["differing_ranges_total"] == 1
+    reported = out["differing_ranges"][0]
+    start, end = parse(shlex.split(reported["repair"])[5])
+    assert (start, end) == (reported["start"], reported["end"])
+    before = ch_client.command(f"SELECT count() FROM {db}.calls_complete")
+    result = backfilled.run_backfill(db, 21, key_range=(start, end))
+    assert result["stopped"] == "repaired" and result["status"] == "completed"
+    assert ch_client.command(f"SELECT count() FROM {db}.calls_complete") == before + 1
+    again = validate(backfilled, db, 21, range_rows=RANGE_ROWS)
+    assert again["ok"] and again["differing_ranges_total"] == 0 and not again["resumed"]
