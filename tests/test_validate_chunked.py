@@ -129,12 +129,13 @@ def test_an_unfinished_backfill_is_validated_only_up_to_its_position(ch_client, 
     migrator_for(db, project_migrations).up()
     generate_calls(ch_client, db, 600, seed=4, batch=300)
     mgr = ClickHouseBackfillManager(ch_client, migrations_dir=project_migrations, sleep=lambda s: None)
-    mgr.run_backfill(db, 21, max_batches=2, batch_size=200, params={"cutover_timestamp": "2100-01-01 00:00:00"})
-    done = mgr.store.load(backfill_id(db, 21)).checkpoint  # 021 adapts its size: the rows are the run's own
+    mgr.run_backfill(db, 21, max_batches=2, batch_size=200, params={"cutover_timestamp": "2100-01-01 00:00:00"},
+                     pacing={"target_batch_seconds": "off"})  # two fixed batches: 400 of the 610 source rows
+    done = mgr.store.load(backfill_id(db, 21)).checkpoint
     out = validate(mgr, db, 21, range_rows=70)
     assert out["ok"] and out["scope_end"] == done["position"] and out["scope"] == "up to the backfill's position"
     source = ch_client.command(f"SELECT count() FROM {db}.calls_merged")
-    assert out["rows_walked"] == done["rows_processed"] < source and out["differing_ranges"] == []
+    assert out["rows_walked"] == done["rows_processed"] == 400 < source and out["differing_ranges"] == []
 
 
 def test_refuses_while_a_runner_holds_the_lease(ch_client, db, backfilled):
