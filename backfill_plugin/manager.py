@@ -215,8 +215,9 @@ class ClickHouseBackfillManager:
         out.sort(key=lambda s: (s["db_name"], s["migration_version"]))
         return [s for s in out if status is None or s["status"] == status]
 
-    def _remaining(self, keys: KeySpace, position, exact: bool) -> int:
-        return keys.remaining(self.ch_client, position) if exact else keys.estimate(self.ch_client, position)
+    def _remaining(self, keys: KeySpace, position, exact: bool, until=None) -> int:
+        """Source rows past the position (up to `until`): counted, or from the primary index."""
+        return (keys.remaining if exact else keys.estimate)(self.ch_client, position, until)
 
     def _remaining_or_none(self, spec: BackfillSpec, row: Row, exact: bool) -> int | None:
         """None when the source cannot be read yet (a version not applied): progress is then unknown."""
@@ -316,8 +317,7 @@ class ClickHouseBackfillManager:
     def _estimate_total(self, run: Run) -> None:
         """Rows done plus rows left: from the primary index unless the run asked for an exact count."""
         cp = run.checkpoint
-        left = (run.keys.remaining if run.exact else run.keys.estimate)(self.ch_client, cp.get("position"), run.until)
-        cp["rows_total"] = cp.get("rows_processed", 0) + left
+        cp["rows_total"] = cp.get("rows_processed", 0) + self._remaining(run.keys, cp.get("position"), run.exact, run.until)
         cp["rows_total_estimated"] = not run.exact
 
     def _finish_repair(self, run: Run) -> dict:

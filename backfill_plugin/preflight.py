@@ -26,7 +26,7 @@ def check(run, cluster: str | None) -> None:
         check_single_shard(run.client, cluster)
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
-    run.known_settings = run.keys.known_settings or dedup.known_settings(run.client)
+    run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
     sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:
