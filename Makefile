@@ -63,7 +63,7 @@ bench-narrow: $(STAMP)
 # statement does at 20M). Roughly 30-45 minutes on 2 cores (generating 20M calls: ~5) and about
 # 25 GB of free disk in $TMPDIR.
 bench-scale: $(STAMP)
-	$(BIN)/python bench/bench_021.py --calls 2000000 --scale $(ARGS)
+	$(BIN)/python bench/bench_021.py --calls 2000000 --scale --variants deferred $(ARGS)
 
 clean:
 	rm -rf .demo .chdb .chdb.control

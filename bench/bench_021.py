@@ -95,24 +95,38 @@ def _one_line(exc: BaseException) -> str:
     return (line[:300] + (f" ({name.group(1)})" if name and name.group(1) not in line else "")).strip()
 
 
+FROZEN = "max_bytes_to_merge_at_max_space_in_pool"  # = 1 (and its min_space twin): no part is small enough to merge
+
+
+def freeze(client, *tables: str) -> None:
+    """No background merge of these tables from now on, in any later process (a table setting).
+
+    The source's part layout stays as generated in every phase, so no merge folds the unmerged parts
+    between the single statement, the backfill and validate, or competes with any of them; the
+    target's merges run (they are the backfill's cost). `SYSTEM STOP MERGES` would not do: it holds
+    for one process, and chDB schedules merges as soon as a process opens the store, so before it
+    lands a merge of the 160 generated parts at 20M calls has already taken 4 GB of that process's
+    memory (it showed as validate's peak RSS, 3.3x the 2M figure instead of 1.0x).
+    """
+    for table in tables:
+        client.command(f"ALTER TABLE {DB}.{table} MODIFY SETTING {FROZEN} = 1, {FROZEN.replace('max_space', 'min_space')} = 1")
+
+
+def thaw(client, table: str) -> None:
+    """The table merges again as its own settings say (undoes `freeze`)."""
+    client.command(f"ALTER TABLE {DB}.{table} RESET SETTING {FROZEN}, {FROZEN.replace('max_space', 'min_space')}")
+
+
 def run_phase(name: str, store: str, args: dict) -> dict:
     sys.path.insert(0, str(REPO))
     client = _client(store)
-    if name != "setup":
-        # The source's part layout stays as generated in every phase: no background merge folds the
-        # unmerged parts between the single statement and the backfill, or competes with either.
-        client.command(f"SYSTEM STOP MERGES {DB}.calls_merged")
-        client.command(f"SYSTEM STOP MERGES {DB}.call_parts")
-        if name != "single":  # the yardstick's own merges would otherwise run during the backfill after it
-            client.command(f"SYSTEM STOP MERGES {DB}.calls_complete_single")
     started = time.perf_counter()
     result: dict = {}
     if name == "setup":
         from bench.datagen import generate
         from migrator.runner import Context, Migrator
         Migrator(Context(client, DB, REPO / "migrations", echo=lambda s: None)).up()
-        client.command(f"SYSTEM STOP MERGES {DB}.calls_merged")
-        client.command(f"SYSTEM STOP MERGES {DB}.call_parts")
+        freeze(client, "calls_merged", "call_parts")
         result = generate(client, DB, args["calls"], args["shape"], seed=SEED, chunk=args["chunk"])
         client.command(f"CREATE TABLE {DB}.calls_complete_single AS {DB}.calls_complete")
         # Fix the cutover now (first start), with zero batches run, so both phases see the same params.
@@ -130,6 +144,7 @@ def run_phase(name: str, store: str, args: dict) -> dict:
         try:
             client.command(_single_insert_sql(client), settings={"max_memory_usage": limit})
             result["rows"] = client.command(f"SELECT count() FROM {DB}.calls_complete_single")
+            freeze(client, "calls_complete_single")  # its merges would otherwise run in the phases after it
         except Exception as exc:  # the engine's own error (e.g. MEMORY_LIMIT_EXCEEDED) is the result
             result["error"] = _one_line(exc)
             client.command(f"TRUNCATE TABLE {DB}.calls_complete_single")
@@ -154,6 +169,8 @@ def run_phase(name: str, store: str, args: dict) -> dict:
                     last[0] = time.perf_counter()
         mgr = ClickHouseBackfillManager(client, migrations_dir=REPO / "migrations")
         pm.register(StartClock())
+        if args.get("defer_target_merges"):  # a diagnostic: the backfill's own cost, without the target's merges
+            freeze(client, "calls_complete")
         if args.get("batch_size"):
             mgr.run_backfill(DB, 21, max_batches=0, batch_size=args["batch_size"])
         extra = {}
@@ -166,7 +183,11 @@ def run_phase(name: str, store: str, args: dict) -> dict:
         result = {"rows": client.command(f"SELECT count() FROM {DB}.calls_complete"), "batch_times": times,
                   "seconds_per_row": per_row,
                   "status": status["status"], "batch_size": status["current_batch_size"],
-                  "source_rows": status.get("rows_processed")}
+                  "source_rows": status.get("rows_processed"),
+                  "target_parts": client.command(f"SELECT count() FROM system.parts WHERE database = '{DB}' "
+                                                 f"AND table = 'calls_complete' AND active")}
+        if args.get("defer_target_merges"):
+            thaw(client, "calls_complete")
     elif name == "reset":  # another backfill variant on the same data: an empty target, the same params
         from backfill_plugin import ClickHouseBackfillManager
         client.command(f"TRUNCATE TABLE {DB}.calls_complete")
@@ -211,8 +232,13 @@ def run_size(calls: int, opts, echo) -> dict:
             phase("reset", store, {})
             phase("warm", store, {})
             target = variant.startswith("target=")
-            run = phase("backfill", store, {"batch_size": None if target else int(variant),
-                                            "target_batch_seconds": float(variant[7:]) if target else None})
+            if variant == "deferred":  # the main run's sizing again, the target's merges held until it ends
+                args = {"batch_size": opts.batch_size, "target_batch_seconds": opts.target_batch_seconds,
+                        "defer_target_merges": True}
+            else:
+                args = {"batch_size": None if target else int(variant),
+                        "target_batch_seconds": float(variant[7:]) if target else None}
+            run = phase("backfill", store, args)
             run["variant"], run["compare"] = variant, phase("compare", store, {"single_ok": single_ok})
             res["variants"].append(run)
     finally:
@@ -302,6 +328,7 @@ def scale_rows(small: dict, big: dict) -> list[tuple[str, str, str, str]]:
          f"{big['validate']['peak_rss_mb'] / small['validate']['peak_rss_mb']:.2f}x"),
         ("source rows/s of the backfill (target >= 0.9x)", f"{rps(small):,.0f}", f"{rps(big):,.0f}",
          f"{rps(big) / rps(small):.2f}x"),
+        *deferred_rows(small, big, rps),
         ("backfill wall time", f"{small['backfill']['seconds']:.1f} s", f"{big['backfill']['seconds']:.1f} s",
          f"{big['backfill']['seconds'] / small['backfill']['seconds']:.2f}x"),
         ("validate wall time", f"{small['validate']['seconds']:.1f} s", f"{big['validate']['seconds']:.1f} s",
@@ -310,6 +337,19 @@ def scale_rows(small: dict, big: dict) -> list[tuple[str, str, str, str]]:
         ("single INSERT ... SELECT", single(small), single(big), ""),
     ]
     return rows
+
+
+def deferred_rows(small: dict, big: dict, rps) -> list[tuple[str, str, str, str]]:
+    """With a `deferred` variant at both sizes: rows/s without the target's merges, and parts left behind."""
+    runs = [next((v for v in r.get("variants", []) if v["variant"] == "deferred"), None) for r in (small, big)]
+    if None in runs:
+        return []
+    own = [r["setup"]["source_rows"] / v["seconds"] for r, v in zip((small, big), runs)]
+    return [("source rows/s, target merges deferred (diagnostic)", f"{own[0]:,.0f}", f"{own[1]:,.0f}",
+             f"{own[1] / own[0]:.2f}x"),
+            ("target parts at the end: merging / deferred",
+             f"{small['backfill']['target_parts']} / {runs[0]['target_parts']}",
+             f"{big['backfill']['target_parts']} / {runs[1]['target_parts']}", "")]
 
 
 def _settings_line(opts) -> str:
@@ -340,7 +380,8 @@ def main() -> None:
     ap.add_argument("--skip-single", action="store_true", help="do not run the single INSERT ... SELECT")
     ap.add_argument("--variants", default="", metavar="V,V",
                     help="more backfills of the same data after the main one: batch sizes and/or target=S "
-                         "(e.g. 100000,target=5), each reported against the single statement and the main run")
+                         "(e.g. 100000,target=5), each reported against the single statement and the main run; "
+                         "deferred: the main run again with the target's merges held until it ends (its own cost)")
     ap.add_argument("--scale", action="store_true", help="run at --calls and at 10x --calls, side by side")
     ap.add_argument("--chunk", type=int, default=1_000_000, help="calls per generated key slice (default 1000000)")
     ap.add_argument("--single-max-memory-gb", type=float, default=None,
@@ -355,8 +396,8 @@ def main() -> None:
         return
     opts.variants = [v.strip() for v in opts.variants.split(",") if v.strip()]
     for v in opts.variants:
-        if not (v.isdigit() or re.fullmatch(r"target=\d+(\.\d+)?", v)):
-            ap.error(f"--variants: {v!r} is neither a batch size nor target=SECONDS")
+        if not (v.isdigit() or v == "deferred" or re.fullmatch(r"target=\d+(\.\d+)?", v)):
+            ap.error(f"--variants: {v!r} is neither a batch size, target=SECONDS nor deferred")
     if opts.calls < 1000:
         ap.error("--calls must be at least 1000")
     # The single statement must fail with the engine's MEMORY_LIMIT_EXCEEDED, never bring in the OOM killer.
