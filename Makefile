@@ -60,7 +60,8 @@ bench-narrow: $(STAMP)
 	$(BIN)/python bench/bench_021.py --calls 2000000 --shape narrow $(ARGS)
 
 # bench-scale: the same shape at 2M and at 20M calls, side by side (peak RSS, rows/s, what the single
-# statement does at 20M). Roughly 30-45 minutes on 2 cores (generating 20M calls: ~5) and about
+# statement does at 20M; the deferred variant: the same backfill with the target's merges held until it ends).
+# About 45 minutes on 2 cores (generating 20M calls: ~4) and about
 # 25 GB of free disk in $TMPDIR.
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_021.py --calls 2000000 --scale --variants deferred $(ARGS)

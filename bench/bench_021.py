@@ -231,13 +231,15 @@ def run_size(calls: int, opts, echo) -> dict:
             echo(f"[{calls:,} calls] backfill variant {variant}")
             phase("reset", store, {})
             phase("warm", store, {})
-            target = variant.startswith("target=")
-            if variant == "deferred":  # the main run's sizing again, the target's merges held until it ends
+            sizing, _, deferred = variant.partition("+")
+            target = sizing.startswith("target=")
+            if sizing == "deferred":  # the main run's sizing again, the target's merges held until it ends
                 args = {"batch_size": opts.batch_size, "target_batch_seconds": opts.target_batch_seconds,
                         "defer_target_merges": True}
-            else:
-                args = {"batch_size": None if target else int(variant),
-                        "target_batch_seconds": float(variant[7:]) if target else None}
+            else:  # N or target=S, and with +deferred the target's merges held until it ends
+                args = {"batch_size": None if target else int(sizing),
+                        "target_batch_seconds": float(sizing[7:]) if target else None,
+                        "defer_target_merges": bool(deferred)}
             run = phase("backfill", store, args)
             run["variant"], run["compare"] = variant, phase("compare", store, {"single_ok": single_ok})
             res["variants"].append(run)
@@ -381,7 +383,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", metavar="V,V",
                     help="more backfills of the same data after the main one: batch sizes and/or target=S "
                          "(e.g. 100000,target=5), each reported against the single statement and the main run; "
-                         "deferred: the main run again with the target's merges held until it ends (its own cost)")
+                         "deferred: the main run again with the target's merges held until it ends (its own cost); "
+                         "N+deferred, target=S+deferred: the same for that sizing")
     ap.add_argument("--scale", action="store_true", help="run at --calls and at 10x --calls, side by side")
     ap.add_argument("--chunk", type=int, default=1_000_000, help="calls per generated key slice (default 1000000)")
     ap.add_argument("--single-max-memory-gb", type=float, default=None,
@@ -396,8 +399,8 @@ def main() -> None:
         return
     opts.variants = [v.strip() for v in opts.variants.split(",") if v.strip()]
     for v in opts.variants:
-        if not (v.isdigit() or v == "deferred" or re.fullmatch(r"target=\d+(\.\d+)?", v)):
-            ap.error(f"--variants: {v!r} is neither a batch size, target=SECONDS nor deferred")
+        if not (v == "deferred" or re.fullmatch(r"(\d+|target=\d+(\.\d+)?)(\+deferred)?", v)):
+            ap.error(f"--variants: {v!r} is neither a batch size, target=SECONDS nor deferred (either may end in +deferred)")
     if opts.calls < 1000:
         ap.error("--calls must be at least 1000")
     # The single statement must fail with the engine's MEMORY_LIMIT_EXCEEDED, never bring in the OOM killer.
