@@ -156,13 +156,13 @@ def test_not_started_is_a_one_line_error(ch_client, db, project_migrations, migr
 def test_ctrl_c_saves_the_position_and_the_next_validate_resumes(cli):
     """SIGINT to `migrate backfill validate` in a subprocess: exit 130 after the current range, then resume."""
     assert cli("up").returncode == 0
-    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.demo", "--calls", "3000", "--seed", "2"],
+    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.demo", "--calls", "1000", "--seed", "2"],
                          env=migrate_env(cli.store), capture_output=True, text=True, cwd=str(REPO), timeout=300)
     assert gen.returncode == 0, gen.stderr
     assert cli("backfill", "run", "21").returncode == 0
-    whole = cli("backfill", "validate", "21", "--range-rows", "40", "--json")
+    whole = cli("backfill", "validate", "21", "--range-rows", "100", "--json")  # about 20 ranges
     assert whole.returncode == 0, whole.stderr
-    proc = start_migrate(["backfill", "validate", "21", "--range-rows", "40", "--restart"], cli.store)
+    proc = start_migrate(["backfill", "validate", "21", "--range-rows", "100", "--restart"], cli.store)
     lines = Lines(proc)
     lines.wait_for("range ", count=3)
     proc.send_signal(signal.SIGINT)
@@ -173,7 +173,7 @@ def test_ctrl_c_saves_the_position_and_the_next_validate_resumes(cli):
     assert again.returncode == 0, again.stderr
     assert "resuming the validation of backfill 21 after" in again.stderr
     first, second = json.loads(whole.stdout), json.loads(again.stdout)
-    assert second["resumed"] and not first["resumed"] and second["range_rows"] == 40
+    assert second["resumed"] and not first["resumed"] and second["range_rows"] == 100
     keys = ("ok", "checks", "differing_ranges", "ranges_checked", "rows_walked")
     assert {k: second[k] for k in keys} == {k: first[k] for k in keys}
 
