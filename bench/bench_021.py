@@ -118,6 +118,10 @@ def thaw(client, table: str) -> None:
     client.command(f"ALTER TABLE {DB}.{table} RESET SETTING {', '.join(FROZEN)}")
 
 
+def active_parts(client, table: str) -> int:
+    return client.command(f"SELECT count() FROM system.parts WHERE database = '{DB}' AND table = '{table}' AND active")
+
+
 def run_phase(name: str, store: str, args: dict) -> dict:
     sys.path.insert(0, str(REPO))
     client = _client(store)
@@ -134,8 +138,7 @@ def run_phase(name: str, store: str, args: dict) -> dict:
         from backfill_plugin import ClickHouseBackfillManager
         ClickHouseBackfillManager(client, migrations_dir=REPO / "migrations").run_backfill(DB, 21, max_batches=0)
         result["source_rows"] = client.command(f"SELECT count() FROM {DB}.calls_merged")
-        result["source_parts"] = client.command(
-            f"SELECT count() FROM system.parts WHERE database = '{DB}' AND table = 'calls_merged' AND active")
+        result["source_parts"] = active_parts(client, "calls_merged")
     elif name == "idle":
         client.command("SELECT 1")
     elif name == "warm":
@@ -185,8 +188,7 @@ def run_phase(name: str, store: str, args: dict) -> dict:
                   "seconds_per_row": per_row,
                   "status": status["status"], "batch_size": status["current_batch_size"],
                   "source_rows": status.get("rows_processed"),
-                  "target_parts": client.command(f"SELECT count() FROM system.parts WHERE database = '{DB}' "
-                                                 f"AND table = 'calls_complete' AND active")}
+                  "target_parts": active_parts(client, "calls_complete")}
         if args.get("defer_target_merges"):
             thaw(client, "calls_complete")
     elif name == "reset":  # another backfill variant on the same data: an empty target, the same params
@@ -221,8 +223,8 @@ def run_size(calls: int, opts, echo) -> dict:
             res["single"] = phase("single", store, {"max_memory_usage": opts.max_memory_usage})
         echo(f"[{calls:,} calls] backfill")
         phase("warm", store, {})
-        res["backfill"] = phase("backfill", store, {"batch_size": opts.batch_size,
-                                                    "target_batch_seconds": opts.target_batch_seconds})
+        main_sizing = {"batch_size": opts.batch_size, "target_batch_seconds": opts.target_batch_seconds}
+        res["backfill"] = phase("backfill", store, main_sizing)
         echo(f"[{calls:,} calls] validate")
         res["validate"] = validate_phase(store)
         single_ok = "single" in res and "error" not in res["single"]
@@ -232,16 +234,13 @@ def run_size(calls: int, opts, echo) -> dict:
             echo(f"[{calls:,} calls] backfill variant {variant}")
             phase("reset", store, {})
             phase("warm", store, {})
-            sizing, _, deferred = variant.partition("+")
+            # N, target=S or deferred (the main run's sizing); +deferred holds the target's merges until it ends
+            sizing, plus, _ = variant.partition("+")
             target = sizing.startswith("target=")
-            if sizing == "deferred":  # the main run's sizing again, the target's merges held until it ends
-                args = {"batch_size": opts.batch_size, "target_batch_seconds": opts.target_batch_seconds,
-                        "defer_target_merges": True}
-            else:  # N or target=S, and with +deferred the target's merges held until it ends
-                args = {"batch_size": None if target else int(sizing),
-                        "target_batch_seconds": float(sizing[7:]) if target else None,
-                        "defer_target_merges": bool(deferred)}
-            run = phase("backfill", store, args)
+            args = (main_sizing if sizing == "deferred" else
+                    {"batch_size": None if target else int(sizing),
+                     "target_batch_seconds": float(sizing[7:]) if target else None})
+            run = phase("backfill", store, {**args, "defer_target_merges": sizing == "deferred" or bool(plus)})
             run["variant"], run["compare"] = variant, phase("compare", store, {"single_ok": single_ok})
             res["variants"].append(run)
     finally:
