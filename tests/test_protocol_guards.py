@@ -12,9 +12,11 @@ import time
 import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
+from backfill_plugin.attempt import untagged
 from backfill_plugin.errors import BackfillError
 from backfill_plugin.keys import KeySpace
 from backfill_plugin.meta import load_spec
+from migrator import tracking
 from migrator.discovery import discover
 from tests.conftest import MIGRATE, REPO
 from tests.test_migrator_cluster import Recorder
@@ -112,6 +114,24 @@ def test_read_only_backfill_commands_send_no_ddl(ch_client, db, migrations, migr
     recorder.sent.clear()
     ClickHouseBackfillManager(recorder, migrations_dir=root).pause_backfill(db, 1)  # a pending one can
     assert recorder.sent and recorder.ddl() == []
+
+
+def test_checkpoints_are_quorum_writes_and_the_checks_between_batches_read_the_latest(ch_client, db, migrations,
+                                                                                      migrator_for):
+    """On a replicated state table a checkpoint must reach a majority of replicas before its batch runs,
+    and the pause/lease check must see other writers' rows. chDB has no replicas: this checks what is
+    sent (the quorum in each checkpoint INSERT's own text), and the engine accepting it."""
+    root = migrations(1, "copy", UP, "SELECT 1", ANTI_JOIN, META)
+    migrator_for(db, root).up()
+    recorder = Recorder(ch_client)
+    assert ClickHouseBackfillManager(recorder, migrations_dir=root).run_backfill(db, 1)["status"] == "completed"
+    saves = [sql for sql, _ in recorder.sent if sql.startswith("INSERT INTO db_management.backfills")]
+    checks = [s for sql, s in recorder.sent if sql.startswith("SELECT countIf(status = 'paused')")]
+    batches = [s for sql, s in recorder.sent if untagged(sql).lstrip().startswith(f"INSERT INTO {db}.dst")]
+    quorum = ") SETTINGS insert_quorum = 'auto', insert_quorum_parallel = 0 SELECT "
+    assert len(saves) >= 6 and all(quorum in sql for sql in saves), saves
+    assert len(checks) >= 4 and all(s == tracking.LATEST_READ for s in checks), checks
+    assert len(batches) == 4 and all(s["insert_quorum"] == "auto" for s in batches), batches
 
 
 def test_meta_defaults_never_make_a_valid_file_invalid(migrations):
