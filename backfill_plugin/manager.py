@@ -25,6 +25,7 @@ from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state
 from .errors import BackfillError, LeaseLost, one_line
 from .keys import WALK_SETTINGS, KeySpace
 from .lease import Heartbeat, holder, new_lease
+from .lookahead import Lookahead
 from .meta import BackfillSpec, check_source, load_spec
 from .pacer import Pacer
 from .render import read_template
@@ -58,6 +59,7 @@ class ClickHouseBackfillManager:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._row: Row | None = None
+        self._lookup_client = None  # the lookahead's own handle (embedded engine), made by the first run
         self._spec: BackfillSpec | None = None
         self._walk: tuple | None = None  # (known settings, has mergeTreeIndex) of this server
 
@@ -284,8 +286,11 @@ class ClickHouseBackfillManager:
         self._claim(run)
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
+        if self._lookup_client is None:  # one per manager: a chDB handle of its own, a server client shared
+            self._lookup_client = state_client(self.ch_client)
+        ahead = Lookahead(run.keys, self._lookup_client)
         try:
-            return self._loop(run, max_batches, on_batch, pacing, on_throttle)
+            return self._loop(run, ahead, max_batches, on_batch, pacing, on_throttle)
         except LeaseLost:
             raise  # the new runner owns the row now: write nothing
         except BaseException as exc:
@@ -294,6 +299,7 @@ class ClickHouseBackfillManager:
                 self._set_status(row, "paused" if interrupted else "failed", None if interrupted else one_line(exc))
             raise
         finally:
+            ahead.close()
             heartbeat.stop()
             self._stop.clear()  # a stop request ends one run; cleared only after it was honoured
 
@@ -336,7 +342,7 @@ class ClickHouseBackfillManager:
             raise LeaseLost(f"backfill {bid}: another runner ({lease.get('owner', 'unknown')}) took over the lease; "
                             f"this one stopped without running the batch")
 
-    def _loop(self, run: Run, max_batches, on_batch, pacing=None, on_throttle=None) -> dict:
+    def _loop(self, run: Run, ahead: Lookahead, max_batches, on_batch, pacing=None, on_throttle=None) -> dict:
         row, cp, since, done, reason = run.row, run.checkpoint, run.row.version, 0, None
         execution = BatchExecution(run, self.attempts, lambda: self._save(row),
                                    lambda: self._confirm_lease(row.backfill_id), self.owner, self.sleep)
@@ -348,8 +354,8 @@ class ClickHouseBackfillManager:
             batch = run.in_flight
             if batch is None:
                 reason = reason or should_stop()
-                found = None if reason else run.keys.next_batch(self.ch_client, cp.get("position"),
-                                                                cp["current_batch_size"], run.until)
+                found = None if reason else ahead.next_batch(self.ch_client, cp.get("position"),
+                                                             cp["current_batch_size"], run.until)
                 if found is None and not reason and run.scope:
                     return self._finish_repair(run)
                 if found is None and not reason:
@@ -366,6 +372,7 @@ class ClickHouseBackfillManager:
                 # Write-ahead: from here a crash replays exactly this range. The same row also
                 # persists the previous batch's completion (one write per batch, not two).
                 self._save(row)
+                ahead.start(found[0], cp["current_batch_size"], run.until)  # runs beside this batch's INSERT
             else:
                 batch.replay = True
                 run.in_flight = batch

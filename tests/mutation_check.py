@@ -19,7 +19,7 @@ T = "tests/"
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
     ("write-ahead save removed", "backfill_plugin/manager.py",
-     "                self._save(row)\n            else:", "                pass\n            else:",
+     "                self._save(row)\n                ahead.start(", "                ahead.start(",
      [T + "test_protocol_guards.py::test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact"]),
     ("range lower bound inclusive (>= on the last key column)", "backfill_plugin/keys.py",
      'this_op = op if (strict_last or not last) else op + "="', 'this_op = op if not last else op + "="',
@@ -43,6 +43,9 @@ MUTATIONS = [
     ("repair batches run as first attempts", "backfill_plugin/manager.py",
      "replay=bool(run.scope)", "replay=False",
      [T + "test_repair_range.py", "-k", "restores_exactly_the_range"]),
+    ("lookahead used for a range it was not started from", "backfill_plugin/lookahead.py",
+     "if pending is not None and pending[0] == (position, int(batch_size), until):", "if pending is not None:",
+     [T + "test_lookahead.py"]),
     ("health never checked", "backfill_plugin/pacer.py",
      "if self.health is None or", "if True or",
      [T + "test_pacing_loop.py", "-k", "too_many_parts"]),
