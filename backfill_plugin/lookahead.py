@@ -2,7 +2,8 @@
 
 Finding a batch's last key and counting its rows takes two small queries (about 40 ms on the
 2M-call benchmark). Run between two INSERTs they are a fixed cost of every batch; run on their own
-handle while the INSERT before them works, they cost nothing in wall time. A lookup is only a
+handle while the INSERT before them works, they cost nothing in wall time. The manager starts one
+only after a batch that kept its size, since a changed size makes the lookup useless. A lookup is only a
 candidate: it is used when the batch before it committed exactly the range it was started from and
 the size did not change; otherwise (and when it found no keys left, since rows may have arrived
 meanwhile) the range is looked up again. The protocol does not change: the range is still written
