@@ -2,8 +2,8 @@
 
 Finding a batch's last key and counting its rows takes two small queries (about 40 ms on the
 2M-call benchmark). Run between two INSERTs they are a fixed cost of every batch; run on their own
-handle while the INSERT before them works, they cost nothing in wall time. The manager starts one
-only after a batch that kept its size, since a changed size makes the lookup useless. A lookup is only a
+handle while the INSERT before them works, they cost nothing in wall time. One starts only when the
+size held since the last batch, since a changed size makes the lookup useless. A lookup is only a
 candidate: it is used when the batch before it committed exactly the range it was started from and
 the size did not change; otherwise (and when it found no keys left, since rows may have arrived
 meanwhile) the range is looked up again. The protocol does not change: the range is still written
@@ -24,6 +24,14 @@ class Lookahead:
         self.keys, self.client = keys, client
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-lookahead")
         self._pending: tuple[tuple, Future] | None = None
+        self._last_size: int | None = None  # the size at the last write-ahead
+
+    def after_write_ahead(self, position: list, batch_size: int, until: list | None) -> None:
+        """The batch ending at `position` is written ahead: look up the next one if the size held since
+        the last batch (while a target duration still moves it, a lookup would mostly be made twice)."""
+        held, self._last_size = self._last_size == int(batch_size), int(batch_size)
+        if held:
+            self.start(position, batch_size, until)
 
     def start(self, position: list, batch_size: int, until: list | None) -> None:
         """Look up the batch after `position` (the end of the batch about to run)."""

@@ -344,7 +344,6 @@ class ClickHouseBackfillManager:
 
     def _loop(self, run: Run, ahead: Lookahead, max_batches, on_batch, pacing=None, on_throttle=None) -> dict:
         row, cp, since, done, reason = run.row, run.checkpoint, run.row.version, 0, None
-        steady = False  # the last batch kept its size: the next probably will too, so a lookahead pays
         execution = BatchExecution(run, self.attempts, lambda: self._save(row),
                                    lambda: self._confirm_lease(row.backfill_id), self.owner, self.sleep)
         pacer = Pacer(run, self.cluster, pacing, lambda t: self._throttled(row, t, on_throttle), self.sleep)
@@ -373,8 +372,7 @@ class ClickHouseBackfillManager:
                 # Write-ahead: from here a crash replays exactly this range. The same row also
                 # persists the previous batch's completion (one write per batch, not two).
                 self._save(row)
-                if steady:  # while sizes still change, a lookup would mostly be made twice
-                    ahead.start(found[0], cp["current_batch_size"], run.until)  # runs beside this INSERT
+                ahead.after_write_ahead(found[0], cp["current_batch_size"], run.until)  # beside the INSERT
             else:
                 batch.replay = True
                 run.in_flight = batch
@@ -391,7 +389,6 @@ class ClickHouseBackfillManager:
             if cp["rows_processed"] >= cp.get("rows_total", 0):  # the estimate ran out before the keys did
                 self._estimate_total(run)
             next_size = pacer.sized(batch, seconds)
-            steady = next_size == batch.batch_size
             event = {"number": cp["batches_completed"], "range_start": batch.start, "range_end": batch.end,
                      "rows": batch.rows, "seconds": round(seconds, 3), "batch_size": batch.batch_size,
                      "next_batch_size": next_size, "rows_processed": cp["rows_processed"]}

@@ -19,7 +19,7 @@ T = "tests/"
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
     ("write-ahead save removed", "backfill_plugin/manager.py",
-     "                self._save(row)\n                if steady:", "                if steady:",
+     "                self._save(row)\n                ahead.after", "                ahead.after",
      [T + "test_protocol_guards.py::test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact"]),
     ("range lower bound inclusive (>= on the last key column)", "backfill_plugin/keys.py",
      'this_op = op if (strict_last or not last) else op + "="', 'this_op = op if not last else op + "="',

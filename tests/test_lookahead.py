@@ -83,3 +83,20 @@ def test_a_backfill_with_the_lookahead_copies_every_row_once_in_the_same_ranges(
     same = "SELECT count(), sum(cityHash64(a, b, v)) FROM {db}.{t}"
     assert ch_client.query(same.format(db=db, t="dst")).result_rows == ch_client.query(same.format(db=db, t="src")).result_rows
     assert ch_client.command(f"SELECT count() - uniqExact(a, b) FROM {db}.dst") == 0
+
+
+def test_a_lookup_starts_only_once_the_size_held_since_the_last_batch(ch_client, db):
+    keys = _keys(ch_client, db)
+    side = Recorder(ch_client)
+    ahead = Lookahead(keys, side)
+    try:
+        first = keys.next_batch(ch_client, None, 400)
+        for size, looked_up in ((400, False), (600, False), (600, True)):  # first batch, resized, held
+            side.sent.clear()
+            ahead.after_write_ahead(first[0], size, None)
+            if ahead._pending:
+                ahead._pending[1].result()
+            assert bool(side.sent) is looked_up, (size, side.sent)
+        assert ahead.next_batch(ch_client, first[0], 600, None) == keys.next_batch(ch_client, first[0], 600)
+    finally:
+        ahead.close()
