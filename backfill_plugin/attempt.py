@@ -21,6 +21,11 @@ log = logging.getLogger("backfill")
 OOM = 241
 MARKER = "migrate-backfill"
 KILL_WAIT_SECONDS = 30.0
+# A batch reads one bounded key range, often less of each part than the engine's defaults for reading a part
+# on several threads (163,840 rows or 24 MiB), so a 100k-row batch from one merged part ran on one thread
+# (fixed 100k batches over the 2M bench data merged into one part: 0.91x the time with these). The meta's
+# own `settings` win over them.
+BATCH_READ = {"merge_tree_min_rows_for_concurrent_read": 8192, "merge_tree_min_bytes_for_concurrent_read": 1 << 20}
 
 
 def marker(backfill_id: str) -> str:
@@ -114,7 +119,7 @@ class BatchExecution:
             number += 1
             sql, params = run.render(batch, retry)
             token = batch.token(run.backfill_id)
-            settings = {**meta["settings"], "max_execution_time": meta["timeout_seconds"], **run.write_settings,
+            settings = {**BATCH_READ, **meta["settings"], "max_execution_time": meta["timeout_seconds"], **run.write_settings,
                         **(run.read_settings if retry else {}),
                         **batch_settings(token, retry, run.skips_existing, run.known_settings),
                         "query_id": f"{run.backfill_id}-{token[9:21]}-{number}-{uuid.uuid4().hex[:8]}"}
