@@ -30,6 +30,17 @@ def _is_string(ch_type: str) -> bool:
     return ch_type.replace("LowCardinality(", "").startswith(("String", "FixedString"))
 
 
+def _is_float(ch_type: str) -> bool:
+    return ch_type.replace("LowCardinality(", "").startswith(("Float", "BFloat"))
+
+
+def is_nan(value) -> bool:
+    """A NaN key as the checkpoint holds it: `toString` text ('nan', '-nan') or a float."""
+    if isinstance(value, float):
+        return value != value
+    return isinstance(value, str) and value.strip().lstrip("+-").lower() == "nan"
+
+
 def _decoded(value):
     """Key bytes become text; bytes that are not UTF-8 survive as surrogate escapes."""
     return bytes(value).decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else value
@@ -68,9 +79,15 @@ class KeySpace:
         """What `{checkpoint_<col>}` shows before the first batch."""
         return 0 if _is_numeric(self.types[col]) else ""
 
-    def after(self, position: list | None) -> str:
-        """Predicate: key strictly greater than `position` (TRUE when there is none)."""
-        return "1" if position is None else self._compare(position, ">", strict_last=True)
+    def after(self, position: list | None, end: list | None = None, finite_first: bool = False) -> str:
+        """Predicate: key strictly greater than `position` (TRUE when there is none).
+
+        `end`, when the caller bounds the keys by it, lets a Float column drop its NaN branch where
+        the end already excludes NaN (so the primary index still prunes); `finite_first` drops it on
+        the first column (the caller walks the NaN tail of that column separately).
+        """
+        return "1" if position is None else self._compare(position, ">", strict_last=True, end=end,
+                                                          finite_first=finite_first)
 
     def upto(self, end: list) -> str:
         """Predicate: key less than or equal to `end`."""
@@ -78,23 +95,66 @@ class KeySpace:
 
     def range_predicate(self, start: list | None, end: list) -> str:
         """Exactly the keys in (start, end]; no lower bound on the first batch."""
-        return self.upto(end) if start is None else f"{self.after(start)} AND {self.upto(end)}"
+        return self.upto(end) if start is None else f"{self.after(start, end)} AND {self.upto(end)}"
 
-    def _compare(self, point: list, op: str, strict_last: bool) -> str:
-        cols, lits = self.columns, [literal(v) for v in point]
+    def _cmp(self, col: str, op: str, value, nan_above: bool = True) -> str:
+        """`col op value` in the table's own sort order, where NaN sorts after every number (+inf
+        included) and all NaNs are equal. A plain comparison is false for NaN on either side, so a
+        Float key needs its NaN branch spelled out or its NaN rows are never selected. `isNaN` is
+        used rather than a negated comparison: the engine's primary index and its logical optimizer
+        both assume comparisons are never NaN, and prune or fold `NOT (f <= x)` wrongly."""
+        lit = literal(value)
+        if not _is_float(self.types[col]):
+            return f"{col} {op} {lit}"
+        if is_nan(value):
+            return {">": "0", ">=": f"isNaN({col})", "=": f"isNaN({col})", "<": f"NOT isNaN({col})", "<=": "1"}[op]
+        if op in (">", ">=") and nan_above:
+            return f"({col} {op} {lit} OR isNaN({col}))"
+        return f"{col} {op} {lit}"
+
+    def _compare(self, point: list, op: str, strict_last: bool, end: list | None = None,
+                 finite_first: bool = False) -> str:
+        cols = self.columns
+
+        def nan_above(i: int) -> bool:  # can a NaN in column i still lie at or below `end`?
+            if i == 0 and finite_first:
+                return False
+            return end is None or list(end[:i]) != list(point[:i]) or is_nan(end[i])
         terms = []
         for i, col in enumerate(cols):
             last = i == len(cols) - 1
-            eqs = [f"{cols[j]} = {lits[j]}" for j in range(i)]
+            eqs = [self._cmp(cols[j], "=", point[j]) for j in range(i)]
             this_op = op if (strict_last or not last) else op + "="
-            terms.append("(" + " AND ".join(eqs + [f"{col} {this_op} {lits[i]}"]) + ")")
-        first = f"{cols[0]} {op}= {lits[0]}"  # a plain bound on the first column lets the index prune
+            terms.append("(" + " AND ".join(eqs + [self._cmp(col, this_op, point[i], nan_above(i))]) + ")")
+        first = self._cmp(cols[0], op + "=", point[0], nan_above(0))  # a plain bound on the first column lets the index prune
         return f"({first} AND ({' OR '.join(terms)}))"
+
+    def _sortable(self, exprs: list[str]) -> str:
+        """A tuple that compares as the table sorts: a Float becomes (isNaN, value), since tuple
+        comparison and `max` treat NaN as neither greater nor smaller than anything."""
+        parts = []
+        for col, expr in zip(self.columns, exprs):
+            parts += [f"isNaN({expr})", f"if(isNaN({expr}), 0, {expr})"] if _is_float(self.types[col]) else [expr]
+        return "tuple(" + ", ".join(parts) + ")"
+
+    def _areas(self, position: list | None, until: list | None) -> list[tuple[str, bool]]:
+        """The keys past `position` (up to `until`) as (predicate, the index can place it) to walk in
+        order. A Float first column is walked in two parts, its numbers and then its NaN tail: one
+        predicate for both could not use the primary index, and every batch would read the table
+        from its start."""
+        if not _is_float(self.types[self.columns[0]]):
+            return [(self._between(position, until), True)]
+        col, areas = self.columns[0], []
+        if position is None or not is_nan(position[0]):
+            bound = "" if until is None else f" AND {self.upto(until)}"
+            areas.append((f"{self.after(position, until, finite_first=True)}{bound} AND NOT isNaN({col})", True))
+        if until is None or is_nan(until[0]):
+            areas.append((f"{self._between(position, until)} AND isNaN({col})", False))
+        return areas
 
     def _typed(self, point: list) -> str:
         """A key as a typed tuple, so ClickHouse compares it exactly as it sorts the table."""
-        return "tuple(" + ", ".join(f"CAST({literal(v)}, {literal(self.types[c])})"
-                                    for c, v in zip(self.columns, point)) + ")"
+        return self._sortable([f"CAST({literal(v)}, {literal(self.types[c])})" for c, v in zip(self.columns, point)])
 
     def next_batch(self, client, position: list | None, batch_size: int,
                    until: list | None = None) -> tuple[list, int] | None:
@@ -105,17 +165,20 @@ class KeySpace:
         cannot place, read the keys in order (`_end_from_rows`). Either way the end lies strictly past
         the position: a batch that would not advance would repeat forever.
         """
-        if self.fast_ends and batch_size >= self.index_min_rows:
-            try:
-                found = self._end_from_index(client, position, int(batch_size), until)
-            except Exception as exc:  # no mergeTreeIndex here (an old server, not a MergeTree): read rows
-                log.info("batch ends from the primary index are off for %s.%s: %s", self.database, self.table, exc)
-                self.fast_ends, found = False, None
+        for where, _ in self._areas(position, until):
+            found = None
+            if self.fast_ends and batch_size >= self.index_min_rows:
+                try:
+                    found = self._end_from_index(client, position, int(batch_size), where)
+                except Exception as exc:  # no mergeTreeIndex here (an old server, not a MergeTree): read rows
+                    log.info("batch ends from the primary index are off for %s.%s: %s", self.database, self.table, exc)
+                    self.fast_ends = False
+            found = found or self._end_from_rows(client, position, batch_size, where)
             if found is not None:
                 return found
-        return self._end_from_rows(client, position, batch_size, until)
+        return None
 
-    def _end_from_index(self, client, position, batch_size: int, until) -> tuple[list, int] | None:
+    def _end_from_index(self, client, position, batch_size: int, where: str) -> tuple[list, int] | None:
         """The first granule mark past `batch_size` rows after the position, then an exact count of (position, mark].
 
         The marks are the primary index in memory (`mergeTreeIndex`), so finding the end reads no
@@ -129,7 +192,7 @@ class KeySpace:
         source = f"mergeTreeIndex({literal(self.database)}, {literal(self.table)})"
         row = client.query(f"SELECT {outer} FROM (SELECT {cols}, sum(rows_in_granule) OVER (ORDER BY {cols} ROWS "
                            f"BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS _before FROM {source} "
-                           f"WHERE {self._between(position, until)}) WHERE _before >= {batch_size} "
+                           f"WHERE {where}) WHERE _before >= {batch_size} "
                            f"ORDER BY {cols} LIMIT 1", query_formats=_RAW).result_rows
         if not row:
             return None
@@ -138,15 +201,17 @@ class KeySpace:
                                   f"WHERE {self.range_predicate(position, end)}"))
         return (end, rows) if rows <= 2 * batch_size else None
 
-    def _end_from_rows(self, client, position, batch_size: int, until) -> tuple[list, int] | None:
+    def _end_from_rows(self, client, position, batch_size: int, where: str) -> tuple[list, int] | None:
         """The last key of the next `batch_size` rows in key order (`LIMIT n WITH TIES`), and their count."""
         cols = ", ".join(self.columns)
-        inner = (f"SELECT {cols} FROM {self.database}.{self.table} WHERE {self._between(position, until)} "
+        inner = (f"SELECT {cols} FROM {self.database}.{self.table} WHERE {where} "
                  f"ORDER BY {cols} LIMIT {int(batch_size)} WITH TIES")
-        picks = ", ".join(f"tupleElement(max(tuple({cols})), {i + 1}) AS _k{i}" for i in range(len(self.columns)))
+        n = len(self.columns)
+        picks = ", ".join(f"tupleElement(argMax(tuple({cols}), {self._sortable(self.columns)}), {i + 1}) AS _k{i}"
+                          for i in range(n))
         outer = ", ".join(self._exact(c, f"_k{i}") for i, c in enumerate(self.columns))
-        keys = ", ".join(f"_k{i}" for i in range(len(self.columns)))
-        advances = "1" if position is None else f"tuple({keys}) > {self._typed(position)}"
+        keys = [f"_k{i}" for i in range(n)]
+        advances = "1" if position is None else f"{self._sortable(keys)} > {self._typed(position)}"
         row = client.query(f"SELECT {outer}, {advances} AS _advances, _n FROM (SELECT {picks}, count() AS _n FROM ({inner}))",
                            query_formats=_RAW, settings=self._walk_settings(batch_size)).result_rows[0]
         if not row[-1]:
@@ -163,22 +228,50 @@ class KeySpace:
         return bool(client.command(f"SELECT {self._typed(key)} <= {self._typed(limit)} AS within"))
 
     def _between(self, position: list | None, until: list | None) -> str:
-        return self.after(position) if until is None else f"{self.after(position)} AND {self.upto(until)}"
+        return self.after(position) if until is None else f"{self.after(position, until)} AND {self.upto(until)}"
 
     def remaining(self, client, position: list | None, until: list | None = None) -> int:
         """Source rows past the position, counted exactly: a scan of the key columns (`--exact`)."""
-        return int(client.command(f"SELECT count() FROM {self.database}.{self.table} WHERE {self._between(position, until)}"))
+        return sum(int(client.command(f"SELECT count() FROM {self.database}.{self.table} WHERE {where}"))
+                   for where, _ in self._areas(position, until))
 
     def estimate(self, client, position: list | None, until: list | None = None) -> int:
         """Source rows past the position from the primary index alone (whole granules, no scan).
 
         EXPLAIN ESTIMATE reads only the marks, so it costs the same at a billion rows as at a
-        thousand; the figure is high by up to a granule per part at each bound.
+        thousand; the figure is high by up to a granule per part at each bound. The NaN tail of a
+        Float first column, which the index cannot place, is summed from the marks that hold NaN.
         """
-        result = client.query(f"EXPLAIN ESTIMATE SELECT 1 FROM {self.database}.{self.table} "
-                              f"WHERE {self._between(position, until)}")
-        rows = result.column_names.index("rows")
-        return sum(int(r[rows]) for r in result.result_rows)
+        total = 0
+        for where, indexed in self._areas(position, until):
+            if not indexed:
+                if self.fast_ends:
+                    total += int(client.command(f"SELECT sum(rows_in_granule) FROM mergeTreeIndex("
+                                                f"{literal(self.database)}, {literal(self.table)}) WHERE {where}"))
+                continue
+            result = client.query(f"EXPLAIN ESTIMATE SELECT 1 FROM {self.database}.{self.table} WHERE {where}")
+            rows = result.column_names.index("rows")
+            total += sum(int(r[rows]) for r in result.result_rows)
+        return total
+
+    def unwalked(self, client, position: list | None, walked_rows: int) -> tuple[int, list | None]:
+        """(source rows that no walk from the start can reach, an example key), asked before a run
+        reports `completed`: a key that compares neither at-or-before nor after the final position
+        (NaN under a plain comparison, say) would otherwise be skipped without a word.
+
+        When the source holds exactly the rows the walk counted (`count()` comes from the parts'
+        metadata), nothing was skipped; otherwise one scan of the key columns counts each side.
+        """
+        table = f"{self.database}.{self.table}"
+        if int(client.command(f"SELECT count() FROM {table}")) == int(walked_rows):
+            return 0, None
+        reached = f"({'0' if position is None else self.upto(position)}) OR ({self.after(position)})"
+        total, inside = client.query(f"SELECT count(), countIf({reached}) FROM {table}").result_rows[0]
+        if total == inside:
+            return 0, None
+        example = client.query(f"SELECT {', '.join(self._exact(c, c) for c in self.columns)} FROM {table} "
+                               f"WHERE ({reached}) = 0 LIMIT 1", query_formats=_RAW).result_rows
+        return int(total) - int(inside), [_decoded(v) for v in example[0]] if example else None
 
     def ordered(self, client, start: list, end: list) -> bool:
         """`start` < `end` in the table's own order (a repair range must not be empty or reversed)."""

@@ -359,6 +359,7 @@ class ClickHouseBackfillManager:
                 if found is None and not reason and run.scope:
                     return self._finish_repair(run)
                 if found is None and not reason:
+                    self._check_nothing_skipped(run)
                     self._set_status(row, "completed")
                     return {**self.summary(row, run.spec), "stopped": "completed"}
                 reason = reason or pacer.before_batch(should_stop)  # only when a batch would start
@@ -397,6 +398,16 @@ class ClickHouseBackfillManager:
             if on_batch:  # a repair reports its own range's progress
                 on_batch(self.summary(replace(row, checkpoint=cp) if run.scope else row, run.spec), event)
             reason = pacer.hold_rate(batch, should_stop)  # a pause that ends the wait is honoured, not lost
+
+    def _check_nothing_skipped(self, run: Run) -> None:
+        """`completed` only when every source row lies in the walked key space."""
+        cp = run.checkpoint
+        missing, example = run.keys.unwalked(self.ch_client, cp.get("position"), cp.get("rows_processed", 0))
+        if missing:
+            raise BackfillError(f"{missing:,} rows of {run.keys.database}.{run.keys.table} lie outside the walked key "
+                                f"space (e.g. key {example}): no comparison with the checkpoint columns "
+                                f"{', '.join(run.keys.columns)} selects them; not marking backfill "
+                                f"{run.row.backfill_id} completed")
 
     def _throttled(self, row: Row, throttle, on_throttle) -> None:
         """Record (or clear) the health signal the runner waits on: `status` and the live file show it."""

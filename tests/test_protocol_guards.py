@@ -91,8 +91,8 @@ def test_a_batch_that_would_not_advance_stops_the_run(ch_client, db, migrations,
     migrator_for(db, root).up()
     compare = KeySpace._compare
 
-    def inclusive(self, point, op, strict_last):  # `>=` instead of `>` on the last key column
-        return compare(self, point, op, strict_last=False if op == ">" else strict_last)
+    def inclusive(self, point, op, strict_last, **kwargs):  # `>=` instead of `>` on the last key column
+        return compare(self, point, op, strict_last=False if op == ">" else strict_last, **kwargs)
 
     monkeypatch.setattr(KeySpace, "_compare", inclusive)
     mgr = ClickHouseBackfillManager(ch_client, migrations_dir=root)
