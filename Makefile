@@ -42,11 +42,11 @@ demo: export MIGRATE_DATABASE = demo
 demo: $(STAMP)
 	rm -rf .demo
 	$(BIN)/migrate up
-	$(BIN)/python -m backfill_plugin.demo --calls $(DEMO_CALLS)
+	$(BIN)/python -m backfill_plugin.ops.demo --calls $(DEMO_CALLS)
 	$(BIN)/migrate backfill list
 	$(BIN)/migrate backfill run 21 --batch-size 25000
 	$(BIN)/migrate backfill validate 21
-	$(BIN)/python -m backfill_plugin.demo --summary
+	$(BIN)/python -m backfill_plugin.ops.demo --summary
 
 # Benchmarks: run them on a quiet machine (they use both cores and up to 60% of RAM). Each prints its
 # settings and a table; add ARGS="--batch-size 100000", "--target-batch-seconds 5", "--json", ...

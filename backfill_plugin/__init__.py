@@ -1,4 +1,4 @@
 """Resumable, checkpointed, batched ClickHouse backfills: a plugin for `migrate`."""
-from .manager import ClickHouseBackfillManager
+from .protocol.manager import ClickHouseBackfillManager
 
 __all__ = ["ClickHouseBackfillManager"]

@@ -4,7 +4,7 @@ import click
 from migrator.cli import global_options, run
 from migrator.plugins import load_plugins
 
-from .cli import backfill
+from .ops.cli import backfill
 
 
 @click.group(cls=click.Group, commands=backfill.commands, help=backfill.help)

@@ -1,9 +1,17 @@
-"""The backfill plugin, registered through the `migrator` entry point like any third-party plugin."""
+"""The backfill plugin, registered through the `migrator` entry point like any third-party plugin.
+
+The top of the package: it wires the hooks and the `backfill` command group to the layers below
+(ops -> protocol -> pacing -> spec -> errors/hookspecs), and nothing below imports it.
+"""
 from __future__ import annotations
 
 from migrator import hookimpl
 
 from . import hookspecs
+from .ops.cli import backfill
+from .ops.control import manager_for
+from .spec.meta import load_spec
+from .spec.render import read_template
 
 NAME = "backfill"  # the entry point's name; library use registers the module under it too
 
@@ -14,18 +22,6 @@ def add_hookspecs(pm):
     pm.add_hookspecs(hookspecs)
 
 
-def manager_for(client, migrations_dir, cluster=None, target=None):
-    """The one way hooks and CLI build a manager: an embedded store also gets its control channel,
-    so `backfill status` and `pause` from another terminal reach a run inline in `migrate up` too."""
-    from migrator.connection import control_dir
-
-    from .control import ControlChannel
-    from .manager import ClickHouseBackfillManager
-    directory = control_dir(target) if target is not None else None
-    return ClickHouseBackfillManager(client, migrations_dir=migrations_dir, cluster=cluster,
-                                     control=ControlChannel(directory) if directory else None)
-
-
 def _for_context(context):
     app = context.extra.get("app")
     return manager_for(context.client, context.migrations_dir, context.cluster, getattr(app, "target", None))
@@ -34,15 +30,12 @@ def _for_context(context):
 @hookimpl
 def register_commands(cli):
     """The `migrate backfill ...` group."""
-    from .cli import backfill
     cli.add_command(backfill)
 
 
 @hookimpl
 def check_migrations(context, migrations):
     """A bad backfill meta or SQL file stops `up` before the schema is touched, not after."""
-    from .meta import load_spec
-    from .render import read_template
     for migration in migrations:
         if migration.has_backfill:
             read_template(load_spec(migration).sql_path)

@@ -74,8 +74,8 @@ def _client(store: str):
 
 def _single_insert_sql(client) -> str:
     """The 021 SQL over the whole key range, into a twin table: the yardstick."""
-    from backfill_plugin.manager import ClickHouseBackfillManager
-    from backfill_plugin.render import Raw, render
+    from backfill_plugin.protocol.manager import ClickHouseBackfillManager
+    from backfill_plugin.spec.render import Raw, render
     mgr = ClickHouseBackfillManager(client, migrations_dir=REPO / "migrations")
     spec = mgr.spec(21)
     params = json.loads(client.command(

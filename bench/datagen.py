@@ -1,6 +1,6 @@
 """Benchmark data made inside the engine: `INSERT ... SELECT FROM numbers()`, a few statements per million calls.
 
-The Python generator (`backfill_plugin.demo`) needs about 15 minutes for 10M calls; this one writes the
+The Python generator (`backfill_plugin.ops.demo`) needs about 15 minutes for 10M calls; this one writes the
 same kind of data (50 projects of Zipf-like sizes, random UUID ids, traces of a few calls) about 30x
 faster. Every value of call `n` is a hash of (seed, n), so two runs give identical data. Like a trace
 server, it writes one INSERT of start parts, one of end parts (for ~90% of calls) and one of later
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from backfill_plugin.demo import OP_NAMES, PROJECTS, WORDS  # the same vocabulary as the demo data
+from backfill_plugin.ops.demo import OP_NAMES, PROJECTS, WORDS  # the same vocabulary as the demo data
 
 TRACE_BLOCK = 16  # traces never cross a block of 16 consecutive calls
 

@@ -37,6 +37,16 @@ def ensure_registered(plugin, name: str) -> None:
         pm.register(plugin, name=name)
 
 
+def declare_hookspecs(module) -> None:
+    """A library user's manager calls a plugin's hooks before (or without) any entry point loading
+    it: its hookspecs must be declared; a second declaration changes nothing."""
+    load_plugins()
+    try:
+        pm.add_hookspecs(module)
+    except ValueError:  # already declared, by the plugin's own `add_hookspecs` or an earlier call
+        pass
+
+
 def describe() -> list[dict]:
     """Installed plugins and the hooks each implements, for `migrate plugins`."""
     out = []

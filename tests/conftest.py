@@ -23,7 +23,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 
-from backfill_plugin.attempt import untagged
+from backfill_plugin.protocol.attempt import untagged
 from migrator import connection
 from migrator.runner import Context, Migrator
 

@@ -35,7 +35,7 @@ sql = store_query  # statements against the store, in a subprocess (the store is
 def store(tmp_path):
     store = tmp_path / "store"
     assert run_migrate(["up"], store).returncode == 0
-    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.demo", "--calls", "20000", "--seed", "3"],
+    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.ops.demo", "--calls", "20000", "--seed", "3"],
                          env={**__import__("os").environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": "d"},
                          capture_output=True, text=True, cwd=str(REPO), timeout=300)
     assert gen.returncode == 0, gen.stderr

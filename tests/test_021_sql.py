@@ -15,7 +15,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 
-from backfill_plugin.demo import generate_calls
+from backfill_plugin.ops.demo import generate_calls
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 BACKFILL = (MIGRATIONS / "021_calls_complete.backfill.sql").read_text()
@@ -295,7 +295,7 @@ def test_batch_range_prunes_source_and_target_by_primary_key(_sql_client, sdb):
 # --- cutover param --------------------------------------------------------------------------------
 
 def test_meta_has_only_known_fields_and_the_cutover_param(_sql_client, sdb):
-    from backfill_plugin.meta import FIELDS
+    from backfill_plugin.spec.meta import FIELDS
     assert set(META) <= set(FIELDS)
     assert META["migration_version"] == 21 and META["checkpoint_columns"] == ["project_id", "id"]
     assert META["params"]["dedup_window_seconds"] == WINDOW

@@ -17,8 +17,8 @@ import clickhouse_connect
 import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
-from backfill_plugin.attempt import MARKER, Attempts
 from backfill_plugin.errors import LeaseLost
+from backfill_plugin.protocol.attempt import MARKER, Attempts
 
 ROWS = 2000
 UP = f"""

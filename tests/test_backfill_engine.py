@@ -12,7 +12,7 @@ import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.render import Raw, escape, render
+from backfill_plugin.spec.render import Raw, escape, render
 from migrator import hookimpl
 from migrator.plugins import pm
 from tests.conftest import assert_copied_exactly, assert_copied_through, own_client
@@ -227,7 +227,7 @@ def test_batch_ends_from_the_primary_index_copy_hostile_keys_exactly_once(ch_cli
     up = SRC.replace("index_granularity = 256", "index_granularity = 16").replace(
         "INSERT INTO {db}.src", "SYSTEM STOP MERGES {db}.src;\nINSERT INTO {db}.src", 1)
     up += "INSERT INTO {db}.src SELECT 'é☃', 100000 + number, 'late' FROM numbers(3000);\n"
-    from backfill_plugin.keys import KeySpace
+    from backfill_plugin.protocol.keys import KeySpace
     monkeypatch.setattr(KeySpace, "index_min_rows", 100)
     placed = []
     original = KeySpace._end_from_index

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from backfill_plugin import ClickHouseBackfillManager
-from backfill_plugin.attempt import BATCH_READ, untagged
+from backfill_plugin.protocol.attempt import BATCH_READ, untagged
 from tests.test_migrator_cluster import Recorder
 from tests.test_protocol_guards import ANTI_JOIN, META, UP
 

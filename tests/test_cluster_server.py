@@ -157,7 +157,7 @@ def test_cluster_backfill_kills_an_abandoned_attempt_on_every_replica(cluster_cl
     from test_attempts import ANTI_JOIN, META, ROWS, UP, GivesUp, exact
 
     from backfill_plugin import ClickHouseBackfillManager
-    from backfill_plugin.attempt import Attempts
+    from backfill_plugin.protocol.attempt import Attempts
 
     client, cluster = cluster_client
     db = "t_cluster_" + uuid.uuid4().hex[:8]

@@ -332,7 +332,7 @@ def test_runner_killed_with_a_fresh_lease_is_taken_over(copy_in_own_store):
 
 FORGE_LEASE = r"""
 import json, sys, time, clickhouse_connect
-from backfill_plugin.checkpoint import CheckpointStore
+from backfill_plugin.protocol.checkpoint import CheckpointStore
 client = clickhouse_connect.get_client(dsn=sys.argv[1])
 store = CheckpointStore(client)
 row = store.load("d_1")

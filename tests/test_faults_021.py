@@ -66,7 +66,7 @@ def _env(plugin: Path, **extra) -> dict:
 
 def _prepare(store: Path, plugin: Path, calls: int) -> None:
     env = migrate_env(store, env=_env(plugin))
-    for cmd in (MIGRATE + ["up"], [sys.executable, "-m", "backfill_plugin.demo", "--calls", str(calls), "--seed", "7"]):
+    for cmd in (MIGRATE + ["up"], [sys.executable, "-m", "backfill_plugin.ops.demo", "--calls", str(calls), "--seed", "7"]):
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
         assert out.returncode == 0, out.stderr
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from backfill_plugin import ClickHouseBackfillManager, keys
+from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
+from backfill_plugin.protocol import keys
 from tests.conftest import assert_copied_exactly
 
 # 20,100 rows: 2,000 NaN (half of them -nan), 100 at +-inf, -0.0 and 0.0, denormals, ordinary values.

@@ -16,8 +16,8 @@ import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.meta import load_spec
-from backfill_plugin.render import render
+from backfill_plugin.spec.meta import load_spec
+from backfill_plugin.spec.render import render
 from migrator.discovery import discover
 from migrator.errors import MigrateError
 from tests.conftest import (
@@ -451,7 +451,7 @@ def test_cli_backfill_sql_not_utf8_names_the_file(shared):
 # -- corrupt checkpoint_data -----------------------------------------------------------------------
 CORRUPT = r"""
 import sys, clickhouse_connect
-from backfill_plugin.checkpoint import CheckpointStore
+from backfill_plugin.protocol.checkpoint import CheckpointStore
 from migrator.tracking import next_version
 client = clickhouse_connect.get_client(dsn=sys.argv[1])
 store = CheckpointStore(client)

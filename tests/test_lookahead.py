@@ -3,8 +3,8 @@ from, looked up again otherwise, and a backfill walks the same ranges with it as
 from __future__ import annotations
 
 from backfill_plugin import ClickHouseBackfillManager
-from backfill_plugin.keys import KeySpace
-from backfill_plugin.lookahead import Lookahead
+from backfill_plugin.protocol.keys import KeySpace
+from backfill_plugin.protocol.lookahead import Lookahead
 from tests.test_migrator_cluster import Recorder
 from tests.test_protocol_guards import ANTI_JOIN, META, UP
 

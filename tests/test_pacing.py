@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.health import Health, Limits, Throttle, wait_until_healthy
-from backfill_plugin.meta import MAX_INT, load_spec, parse_override
-from backfill_plugin.pacing import BatchSizer, RateCeiling
+from backfill_plugin.pacing.health import Health, Limits, Throttle, wait_until_healthy
+from backfill_plugin.pacing.sizing import BatchSizer, RateCeiling
+from backfill_plugin.spec.meta import MAX_INT, load_spec, parse_override
 from migrator.discovery import discover
 
 

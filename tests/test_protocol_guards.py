@@ -12,10 +12,10 @@ import time
 import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
-from backfill_plugin.attempt import untagged
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.keys import KeySpace
-from backfill_plugin.meta import load_spec
+from backfill_plugin.protocol.attempt import untagged
+from backfill_plugin.protocol.keys import KeySpace
+from backfill_plugin.spec.meta import load_spec
 from migrator import tracking
 from migrator.discovery import discover
 from tests.conftest import MIGRATE, REPO
@@ -188,7 +188,7 @@ def test_preflight_refuses_what_would_break_exactly_once_on_a_server(ch_client, 
                                                                         monkeypatch):
     """Checks a server needs, exercised on the embedded engine: a token-only target without a dedup
     window, an HTTP receive timeout shorter than the batch timeout, an unknown cluster."""
-    from backfill_plugin import preflight
+    from backfill_plugin.protocol import preflight
     from migrator import connection
     from migrator.errors import MigrateError
 
@@ -223,7 +223,7 @@ def test_preflight_refuses_what_would_break_exactly_once_on_a_server(ch_client, 
 def test_token_only_replays_are_refused_outside_a_replicated_dedup_window():
     """The replicated windows cannot be shown on the embedded engine: the decision is tested on the
     window as `dedup.window` reads it from system.tables / system.merge_tree_settings."""
-    from backfill_plugin import dedup
+    from backfill_plugin.protocol import dedup
 
     target = ("shop", "orders_v2")
     replicated = {"engine": "ReplicatedMergeTree", "blocks": 1000, "seconds": 600,

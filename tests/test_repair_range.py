@@ -9,7 +9,7 @@ import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.repair import parse
+from backfill_plugin.protocol.repair import parse
 from tests.conftest import assert_copied_exactly, fingerprint
 
 ROWS = 3000

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from backfill_plugin.render import Raw, placeholders, render
+from backfill_plugin.spec.render import Raw, placeholders, render
 from migrator.errors import MigrateError
 from migrator.sqltext import split_statements, substitute_db
 

@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from backfill_plugin.checkpoint import backfill_id
-from backfill_plugin.demo import generate_calls
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.lease import new_lease
-from backfill_plugin.manager import ClickHouseBackfillManager
-from backfill_plugin.validate import DEFAULT_RANGE_ROWS, Validation, repair_command, validate
+from backfill_plugin.ops.demo import generate_calls
+from backfill_plugin.ops.validate import DEFAULT_RANGE_ROWS, Validation, repair_command, validate
+from backfill_plugin.protocol.checkpoint import backfill_id
+from backfill_plugin.protocol.lease import new_lease
+from backfill_plugin.protocol.manager import ClickHouseBackfillManager
 from tests.conftest import REPO, Lines, migrate_env, start_migrate
 
 RANGE_ROWS = 150  # about 2,000 source rows: a dozen ranges
@@ -156,7 +156,7 @@ def test_not_started_is_a_one_line_error(ch_client, db, project_migrations, migr
 def test_ctrl_c_saves_the_position_and_the_next_validate_resumes(cli):
     """SIGINT to `migrate backfill validate` in a subprocess: exit 130 after the current range, then resume."""
     assert cli("up").returncode == 0
-    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.demo", "--calls", "1000", "--seed", "2"],
+    gen = subprocess.run([sys.executable, "-m", "backfill_plugin.ops.demo", "--calls", "1000", "--seed", "2"],
                          env=migrate_env(cli.store), capture_output=True, text=True, cwd=str(REPO), timeout=300)
     assert gen.returncode == 0, gen.stderr
     assert cli("backfill", "run", "21").returncode == 0
@@ -190,7 +190,7 @@ def test_a_validation_state_that_is_not_ours_starts_over(ch_client, db, backfill
 def test_run_range_repairs_exactly_the_reported_range(ch_client, db, backfilled):
     """The repair command validate prints, parsed as the CLI parses it and run: the missing call comes
     back, nothing else is written, and a fresh validation passes."""
-    from backfill_plugin.repair import parse
+    from backfill_plugin.protocol.repair import parse
     keys = [tuple(r) for r in ch_client.query(f"SELECT project_id, id FROM {db}.calls_complete "
                                               f"ORDER BY project_id, id").result_rows]
     gone = keys[len(keys) // 3]

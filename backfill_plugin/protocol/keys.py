@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .errors import BackfillError
-from .render import literal
+from ..errors import BackfillError
+from ..spec.render import literal
 
 _NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
 # Keys are read as bytes: clickhouse-connect would hand back text that is not UTF-8 as its hex

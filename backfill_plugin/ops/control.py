@@ -1,4 +1,5 @@
-"""Flag files beside an embedded store (as gh-ost's): a live status file and pause requests.
+"""Flag files beside an embedded store (as gh-ost's): a live status file and pause requests, and
+the one way hooks and commands build a manager that reads and writes them.
 
 An embedded store is locked by the process running the backfill, so another terminal cannot
 query it; these files are how `status` and `pause` reach that runner.
@@ -9,6 +10,10 @@ import json
 import os
 import time
 from pathlib import Path
+
+from migrator.connection import control_dir
+
+from ..protocol.manager import ClickHouseBackfillManager
 
 
 class ControlChannel:
@@ -52,3 +57,11 @@ class ControlChannel:
             return True
         except FileNotFoundError:
             return False
+
+
+def manager_for(client, migrations_dir, cluster=None, target=None) -> ClickHouseBackfillManager:
+    """The one way hooks and CLI build a manager: an embedded store also gets its control channel,
+    so `backfill status` and `pause` from another terminal reach a run inline in `migrate up` too."""
+    directory = control_dir(target) if target is not None else None
+    return ClickHouseBackfillManager(client, migrations_dir=migrations_dir, cluster=cluster,
+                                     control=ControlChannel(directory) if directory else None)

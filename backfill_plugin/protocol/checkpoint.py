@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 from migrator.tracking import LATEST_READ, QUORUM_WRITE, ensure_schema, insert_row, next_version
 
-from .errors import BackfillError
-from .render import RAW_BYTE
+from ..errors import BackfillError
+from ..spec.render import RAW_BYTE
 
 TABLE = "db_management.backfills"
 SCHEMA = [

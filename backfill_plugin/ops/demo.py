@@ -5,7 +5,7 @@ rename part), inserted as separate INSERTs so that `calls_merged` holds unmerged
 key, which is exactly what the 021 backfill must finalise. Everything derives from `seed`
 (including the clock), so two runs with the same arguments write identical data.
 
-    python -m backfill_plugin.demo --calls 1000
+    python -m backfill_plugin.ops.demo --calls 1000
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def generate_calls(client, database: str, calls: int, seed: int = 42, batch: int
 
 def summary(client, database: str) -> str:
     """One line for the end of `make demo`: rows copied, seconds, rows per second."""
-    from .checkpoint import CheckpointStore, backfill_id
+    from ..protocol.checkpoint import CheckpointStore, backfill_id
     row = CheckpointStore(client).load(backfill_id(database, 21))
     if row is None or row.status != "completed" or row.started_at is None:
         return f"backfill 21 is {row.status if row else 'not registered'}"
@@ -176,7 +176,7 @@ def summary(client, database: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fill a database (with migration 001 applied) with demo calls."""
-    parser = argparse.ArgumentParser(prog="python -m backfill_plugin.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m backfill_plugin.ops.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("CLICKHOUSE_URL") or "chdb://" + str(Path(".chdb").resolve()),
                         help="chdb:///abs/path or http(s)://user@host:port (env CLICKHOUSE_URL; default ./.chdb)")
     parser.add_argument("--database", default=os.environ.get("MIGRATE_DATABASE") or "default",
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_identifier(args.database)
-        command = ["python", "-m", "backfill_plugin.demo", *(argv if argv is not None else sys.argv[1:])]
+        command = ["python", "-m", "backfill_plugin.ops.demo", *(argv if argv is not None else sys.argv[1:])]
         client = connect(resolve(args.url), command)
         if args.summary:
             print(summary(client, args.database))

@@ -14,21 +14,22 @@ from pathlib import Path
 
 from migrator import tracking
 from migrator.discovery import discover
-from migrator.plugins import ensure_registered, pm
+from migrator.plugins import declare_hookspecs, pm
 from migrator.sqltext import check_identifier
 
-from . import dedup, plugin, preflight, repair
-from . import params as params_
+from .. import hookspecs
+from ..errors import BackfillError, LeaseLost, one_line
+from ..pacing.pacer import Pacer
+from ..spec import params as params_
+from ..spec.meta import BackfillSpec, check_source, load_spec
+from ..spec.render import read_template
+from . import dedup, preflight, repair
 from .attempt import Attempts, BatchExecution
 from .batch import Batch
 from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state_client, utcnow
-from .errors import BackfillError, LeaseLost, one_line
 from .keys import WALK_SETTINGS, KeySpace
 from .lease import Heartbeat, holder, new_lease
 from .lookahead import Lookahead
-from .meta import BackfillSpec, check_source, load_spec
-from .pacer import Pacer
-from .render import read_template
 from .run import BackfillView, Run
 from .status import summarize
 
@@ -47,7 +48,7 @@ class ClickHouseBackfillManager:
 
     def __init__(self, ch_client, replicated: bool | None = None, migrations_dir=None,
                  cluster: str | None = None, control=None, sleep=time.sleep):
-        ensure_registered(plugin, plugin.NAME)  # its hookspecs, also when entry points are off
+        declare_hookspecs(hookspecs)  # the hooks this calls, also when entry points are off
         self.ch_client = ch_client
         self.cluster = cluster if replicated is not False else None
         self.migrations_dir = Path(migrations_dir or "migrations")

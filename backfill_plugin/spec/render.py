@@ -7,7 +7,7 @@ from pathlib import Path
 from migrator.discovery import read_text
 from migrator.sqltext import split_statements
 
-from .errors import BackfillError
+from ..errors import BackfillError
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}]+))?\}")
 RAW_BYTE = re.compile("[\udc80-\udcff]")  # a key byte that is not UTF-8, kept by 'surrogateescape'

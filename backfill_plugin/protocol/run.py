@@ -6,12 +6,12 @@ from functools import cached_property
 
 from migrator.plugins import pm
 
+from ..spec.meta import BackfillSpec
+from ..spec.render import Raw, placeholders, render
 from . import dedup
 from .batch import Batch
 from .checkpoint import Row
 from .keys import KeySpace
-from .meta import BackfillSpec
-from .render import Raw, placeholders, render
 
 
 @dataclass

@@ -13,9 +13,9 @@ import logging
 import time
 import uuid
 
+from ..errors import BackfillError, error_code, one_line
 from .batch import Batch
 from .dedup import batch_settings
-from .errors import BackfillError, error_code, one_line
 
 log = logging.getLogger("backfill")
 OOM = 241

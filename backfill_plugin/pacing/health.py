@@ -14,9 +14,9 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from .errors import BackfillError, one_line
-from .meta import AUTO, OFF
-from .pacing import nap
+from ..errors import BackfillError, one_line
+from ..spec.meta import AUTO, OFF
+from .sizing import nap
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+from ..errors import BackfillError
 from .checkpoint import Row, utcnow
-from .errors import BackfillError
 from .run import Run
 
 HISTORY = 10  # finished repairs kept in the checkpoint

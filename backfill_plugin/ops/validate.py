@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from migrator.discovery import read_text
 from migrator.sqltext import split_statements
 
-from .checkpoint import backfill_id, utcnow
-from .errors import BackfillError
-from .lease import holder
-from .render import Raw, placeholders, render
+from ..errors import BackfillError
+from ..protocol.checkpoint import backfill_id, utcnow
+from ..protocol.lease import holder
+from ..spec.render import Raw, placeholders, render
 
 # 500k source rows a range, measured on the 021 demo data at 2M calls (2.1M source rows, about 1.1 KB
 # of payload a call, 2 cores): validate peaks at 0.66 GB RSS with 250k ranges, 0.80 GB with 500k and

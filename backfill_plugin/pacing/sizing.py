@@ -10,7 +10,7 @@ import math
 import time
 from datetime import datetime, timezone
 
-from .meta import OFF
+from ..spec.meta import OFF
 
 ALPHA = 0.3  # weight of the newest batch in the seconds-per-row average
 MAX_UP, MAX_DOWN = 1.5, 2.0  # per-step bounds: at most x1.5 up, /2 down

@@ -9,9 +9,9 @@ import logging
 import os
 import time
 
+from ..spec.meta import PACING
 from .health import Health, Limits, wait_until_healthy
-from .meta import PACING
-from .pacing import BatchSizer, RateCeiling
+from .sizing import BatchSizer, RateCeiling
 
 log = logging.getLogger("backfill")
 

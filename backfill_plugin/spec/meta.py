@@ -9,7 +9,7 @@ from pathlib import Path
 
 from migrator.discovery import Migration
 
-from .errors import BackfillError
+from ..errors import BackfillError
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED = {"db", "batch_size", "retry_count", "batch_range"}

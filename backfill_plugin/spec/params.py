@@ -5,7 +5,7 @@ backfill first starts, and kept in the checkpoint; recomputing it later would de
 """
 from __future__ import annotations
 
-from .errors import BackfillError
+from ..errors import BackfillError
 from .meta import BackfillSpec
 from .render import render
 

@@ -13,12 +13,13 @@ from rich.table import Table
 from migrator import connection
 from migrator.cli import App, pass_app
 
-from . import repair
-from .checkpoint import STATUSES, backfill_id
-from .control import ControlChannel
-from .errors import BackfillError
-from .meta import PACING, parse_override
+from ..errors import BackfillError
+from ..protocol import repair
+from ..protocol.checkpoint import STATUSES, backfill_id
+from ..spec.meta import PACING, parse_override
+from .control import ControlChannel, manager_for
 from .signals import Signals
+from .validate import Validation
 
 
 def control_for(app: App) -> ControlChannel | None:
@@ -29,7 +30,6 @@ def control_for(app: App) -> ControlChannel | None:
 
 def manager(app: App):
     """The manager for this command line's target, built the same way the hooks build it."""
-    from .plugin import manager_for
     return manager_for(app.client, app.migrations_dir, app.cluster, app.target)
 
 
@@ -343,7 +343,6 @@ def _print_validation(version: int, out: dict) -> None:
 @pass_app
 def validate(app: App, version, as_json, range_rows, restart):
     """Validate a backfill range by range (resumable); exit non-zero on any mismatch."""
-    from .validate import Validation
     v = Validation(manager(app), app.database, version, range_rows, restart)
     say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
     st = v.state

@@ -11,8 +11,8 @@ import logging
 
 from migrator import tracking
 
+from ..errors import BackfillError
 from . import dedup
-from .errors import BackfillError
 from .lease import lease_seconds
 
 log = logging.getLogger("backfill")

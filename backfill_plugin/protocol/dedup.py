@@ -14,7 +14,7 @@ import time
 
 from migrator.sqltext import leading_comments
 
-from .errors import BackfillError
+from ..errors import BackfillError
 
 ONE_BLOCK = 1 << 40
 # Settings that keep INSERT SELECT dedup on across server versions; only those the server knows are sent.
