@@ -131,7 +131,7 @@ def adopt(app: App):
 
 @cli.command()
 @click.argument("name")
-@click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql and .backfill.meta")
+@click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql, .backfill.meta and .backfill.validate.sql")
 @pass_app
 def new(app: App, name, backfill):
     """Scaffold NNN_NAME files with the next version."""

@@ -540,13 +540,14 @@ def test_cli_new_scaffolds_the_next_version(cli, project_migrations):
     made = cli("new", "add_index", "--backfill", migrations_dir=project_migrations)
     assert made.returncode == 0, made.stderr
     stem = f"{top + 1:03d}_add_index"
-    exts = [".up.sql", ".down.sql", ".backfill.sql", ".backfill.meta"]
+    exts = [".up.sql", ".down.sql", ".backfill.sql", ".backfill.meta", ".backfill.validate.sql"]
     assert made.stdout.splitlines() == [f"created {project_migrations / (stem + e)}" for e in exts]
     found = discover(project_migrations)  # the scaffold is a valid migration directory
     assert max(found) == top + 1 and found[top + 1].has_backfill
     meta = json.loads((project_migrations / f"{stem}.backfill.meta").read_text())
     assert meta["migration_version"] == top + 1 and meta["batch_size"] > 0
     assert "{batch_range}" in (project_migrations / f"{stem}.backfill.sql").read_text()
+    assert "{batch_range}" in (project_migrations / f"{stem}.backfill.validate.sql").read_text()
 
     plain = cli("new", "plain", migrations_dir=project_migrations)
     assert plain.returncode == 0, plain.stderr

@@ -79,7 +79,10 @@ class Validation:
         self.spec = spec = manager.spec(version)
         self.bid = bid = backfill_id(database, version)
         if spec.validate_path is None:
-            raise BackfillError(f"version {version} ships no {spec.sql_path.name.replace('.sql', '.validate.sql')}")
+            name = spec.sql_path.name.replace(".sql", ".validate.sql")
+            raise BackfillError(f"version {version} ships no {name}: write one beside {spec.sql_path.name} "
+                                f"('migrate new NAME --backfill' scaffolds one to copy; see 'The validate SQL' in "
+                                f"docs/backfill_developer_guide.md)")
         row = manager.store.load(bid)
         if row is None or row.checkpoint.get("params") is None:
             raise BackfillError(f"backfill {bid} has not started; nothing to validate")

@@ -21,6 +21,16 @@ def health_interval() -> float:
     return float(os.environ.get("BACKFILL_HEALTH_SECONDS", 5))
 
 
+def record_throttle(checkpoint: dict, throttle) -> None:
+    """Record (or clear) the health signal the runner waits on, keeping when it started waiting."""
+    before = checkpoint.get("throttled")
+    if throttle is None:
+        checkpoint.pop("throttled", None)
+    else:
+        since = before["since"] if before and before["signal"] == throttle.signal else time.time()
+        checkpoint["throttled"] = {**throttle.to_json(), "since": since}
+
+
 class Pacer:
     """The pacing of one run: meta values, overridden for this run by the command line.
 

@@ -35,3 +35,9 @@ class Batch:
         """Derived from backfill and range only, so every attempt of this range carries the same one."""
         digest = hashlib.sha256(json.dumps([backfill_id, self.start, self.end], default=str).encode()).hexdigest()
         return f"backfill-{digest[:32]}"
+
+    def event(self, number: int, seconds: float, next_batch_size: int, rows_processed: int) -> dict:
+        """What `backfill_batch_completed` hooks and `on_batch` callers hear of a committed batch."""
+        return {"number": number, "range_start": self.start, "range_end": self.end, "rows": self.rows,
+                "seconds": round(seconds, 3), "batch_size": self.batch_size, "next_batch_size": next_batch_size,
+                "rows_processed": rows_processed}

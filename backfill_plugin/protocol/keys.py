@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BackfillError
 from ..spec.render import literal
+from . import dedup, preflight
 
 _NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
 # Keys are read as bytes: clickhouse-connect would hand back text that is not UTF-8 as its hex
@@ -44,6 +45,13 @@ def is_nan(value) -> bool:
 def _decoded(value):
     """Key bytes become text; bytes that are not UTF-8 survive as surrogate escapes."""
     return bytes(value).decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else value
+
+
+def probe_walk(client) -> tuple[set, bool]:
+    """(version-dependent walk settings this server has, whether it has `mergeTreeIndex`): every walk
+    (a run, `validate`, a dry run) reads range ends the cheap way the server allows, from the primary
+    index, else in small unbuffered blocks, so memory never follows the number of source parts."""
+    return (dedup.known_settings(client, also=WALK_SETTINGS), preflight.has_table_function(client, "mergeTreeIndex"))
 
 
 @dataclass
@@ -272,6 +280,14 @@ class KeySpace:
         example = client.query(f"SELECT {', '.join(self._exact(c, c) for c in self.columns)} FROM {table} "
                                f"WHERE ({reached}) = 0 LIMIT 1", query_formats=_RAW).result_rows
         return int(total) - int(inside), [_decoded(v) for v in example[0]] if example else None
+
+    def check_all_walked(self, client, position: list | None, walked_rows: int, backfill: str) -> None:
+        """`completed` only when every source row lies in the walked key space; else one line."""
+        missing, example = self.unwalked(client, position, walked_rows)
+        if missing:
+            raise BackfillError(f"{missing:,} rows of {self.database}.{self.table} lie outside the walked key "
+                                f"space (e.g. key {example}): no comparison with the checkpoint columns "
+                                f"{', '.join(self.columns)} selects them; not marking backfill {backfill} completed")
 
     def ordered(self, client, start: list, end: list) -> bool:
         """`start` < `end` in the table's own order (a repair range must not be empty or reversed)."""

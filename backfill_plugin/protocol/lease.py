@@ -13,6 +13,8 @@ import time
 
 from migrator.connection import pid_alive
 
+from ..errors import BackfillError, LeaseLost
+
 log = logging.getLogger("backfill")
 DEFAULT_SECONDS = 60.0
 
@@ -63,3 +65,36 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
+
+
+def runner_died(row, me: str) -> bool:
+    """A `running` row whose lease no live runner holds: its runner crashed and it may be resumed."""
+    return row.status == "running" and not holder(row.checkpoint.get("lease"), me)
+
+
+def refuse_second_runner(row, me: str) -> None:
+    """A running or paused row whose lease is live belongs to another runner (a paused one has not
+    reached its batch boundary yet)."""
+    other = holder(row.checkpoint.get("lease"), me) if row.status in ("running", "paused") else None
+    if other:
+        raise BackfillError(f"backfill {row.backfill_id} is already running ({other['owner']}, heartbeat "
+                            f"{time.time() - other['heartbeat']:.0f}s ago); refusing a second runner")
+
+
+def claim(store, row, owner: str, set_running, settle: float = 0.2) -> None:
+    """Take the lease; a runner that claimed at the same instant makes exactly one side back off."""
+    row.checkpoint["lease"] = new_lease(owner)
+    set_running(row)
+    time.sleep(settle)  # let a runner that claimed at the same instant land its row, then re-check
+    claimant = (store.load(row.backfill_id).checkpoint.get("lease") or {}).get("owner")
+    if claimant != owner:
+        raise BackfillError(f"backfill {row.backfill_id} was claimed at the same time by {claimant}; "
+                            f"refusing a second runner")
+
+
+def confirm(store, bid: str, owner: str) -> None:
+    """Before a retry or replay: a runner that lost its lease must not kill its successor's attempt."""
+    lease = (store.load(bid).checkpoint.get("lease") or {})
+    if lease.get("owner") != owner:
+        raise LeaseLost(f"backfill {bid}: another runner ({lease.get('owner', 'unknown')}) took over the lease; "
+                        f"this one stopped without running the batch")

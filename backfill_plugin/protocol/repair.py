@@ -35,9 +35,16 @@ def parse(text: str) -> tuple[list | None, list]:
     return start, end
 
 
-def start(run: Run, first: list | None, end: list) -> None:
-    """Check the range and record it in the checkpoint; the manager saves it with the claim."""
+def start(run: Run, key_range: tuple | None) -> None:
+    """Check the range and record it in the checkpoint; the manager saves it with the claim. Without
+    a range, a repair left unfinished must be finished first (its rows are half replayed)."""
     row, cp, keys, bid = run.row, run.row.checkpoint, run.keys, run.row.backfill_id
+    if key_range is None:
+        if cp.get("repair"):
+            raise BackfillError(f"backfill {bid} has an unfinished repair of ({cp['repair']['start']}, "
+                                f"{cp['repair']['end']}]; finish it first with the same 'run --range'")
+        return
+    first, end = key_range
     if cp.get("params") is None:
         raise BackfillError(f"backfill {bid} has not started; there is no range to repair")
     if not run.skips_existing:
@@ -63,9 +70,9 @@ def start(run: Run, first: list | None, end: list) -> None:
     run.scope, run.until = "repair", end
 
 
-def finish(row: Row) -> dict:
+def finish(row: Row, writer: str) -> dict:
     """The range is done: the backfill gets back the status it had; the repair goes into its history."""
-    cp = row.checkpoint
+    cp, row.writer = row.checkpoint, writer
     done = cp.pop("repair")
     cp["repairs"] = (cp.get("repairs") or [])[-(HISTORY - 1):] + [
         {"start": done["start"], "end": done["end"], "rows": done["rows_processed"], "at": utcnow().isoformat()}]

@@ -1,17 +1,22 @@
 """One run of one backfill: its spec, key space, SQL template and state row, and how a batch renders."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from migrator.plugins import pm
 
+from ..spec import params as params_
 from ..spec.meta import BackfillSpec
 from ..spec.render import Raw, placeholders, render
 from . import dedup
 from .batch import Batch
-from .checkpoint import Row
+from .checkpoint import Row, utcnow
 from .keys import KeySpace
+from .status import remaining, summarize
+
+RECENT = 20  # batches the rate and ETA are computed over
 
 
 @dataclass
@@ -69,6 +74,19 @@ class Run:
     def in_flight(self, batch: Batch | None) -> None:
         self.checkpoint["in_flight"] = batch.to_json() if batch else None
 
+    def start_clock(self) -> None:
+        """The rate window starts at the claim, so the first batch already has a rate and an ETA."""
+        cp = self.checkpoint
+        cp.update(recent=[[time.time(), cp.get("rows_processed", 0)]], started_at=cp.get("started_at") or utcnow().isoformat())
+
+    def advance(self, batch: Batch) -> None:
+        """The batch committed: the position moves to its end and its rows count, in one checkpoint state."""
+        cp, self.in_flight = self.checkpoint, None
+        cp.update(position=batch.end, last_updated=utcnow().isoformat(),
+                  rows_processed=int(cp.get("rows_processed", 0)) + batch.rows,
+                  batches_completed=int(cp.get("batches_completed", 0)) + 1)
+        cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
+
     def preview_batch(self) -> Batch:
         """A stand-in range (the keys' defaults) to render the SQL before anything runs."""
         return Batch(None, [self.keys.default(c) for c in self.keys.columns], 1, 1)
@@ -86,6 +104,24 @@ class Run:
             values[f"checkpoint_{col}"] = batch.start[i] if batch.start else keys.default(col)
             values[f"batch_end_{col}"] = batch.end[i]
         return render(self.template, values, self.spec.sql_path)
+
+    def dry_run(self, params, batch_size) -> dict:
+        """What the next batch would be and the SQL it would run; nothing is saved or executed."""
+        row, keys = self.row, self.keys
+        cp = row.checkpoint = dict(row.checkpoint)  # a private copy
+        cp["params"] = params_.resolve(self.client, self.spec, row.db_name, params, cp.get("params"),
+                                       cp.get("previous_params"))
+        size = int(batch_size or cp["current_batch_size"])
+        batch = self.in_flight
+        if batch is None:
+            found = keys.next_batch(self.client, cp.get("position"), size)
+            batch = found and Batch(cp.get("position"), found[0], found[1], size)
+        out = {**summarize(row, self.spec), "rows_remaining": remaining(self.client, keys, cp.get("position"), self.exact),
+               "rows_remaining_estimated": not self.exact,
+               "first_batch": batch.to_json() if batch else None, "sql": None, "sql_parameters": None}
+        if batch:
+            out["sql"], out["sql_parameters"] = self.render(batch, 0)
+        return out
 
     # -- what an earlier, failed attempt may have left ------------------------------------
     def mark_may_have_committed(self, batch: Batch) -> None:

@@ -4,7 +4,12 @@ Its keys are a documented contract (docs/backfill_runbook.md, "JSON contract").
 """
 from __future__ import annotations
 
-from .checkpoint import Row
+import logging
+
+from ..errors import one_line
+from .checkpoint import Row, backfill_id, new_checkpoint
+
+log = logging.getLogger("backfill")
 
 
 def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool = True) -> dict:
@@ -51,3 +56,42 @@ def _rate(recent: list) -> float | None:
 
 def _iso(value):
     return value.isoformat(sep=" ") if value is not None else None
+
+
+def remaining(client, keys, position, exact: bool, until=None) -> int:
+    """Source rows past the position (up to `until`): counted, or from the primary index."""
+    return (keys.remaining if exact else keys.estimate)(client, position, until)
+
+
+def remaining_or_none(client, keyspace, row: Row, exact: bool) -> int | None:
+    """None when the source cannot be read yet (a version not applied): progress is then unknown."""
+    try:
+        return remaining(client, keyspace(), row.checkpoint.get("position"), exact)
+    except Exception as exc:
+        log.debug("no progress estimate for %s: %s", row.backfill_id, one_line(exc))
+        return None
+
+
+def estimate_total(run) -> None:
+    """Rows done plus rows left: from the primary index unless the run asked for an exact count."""
+    cp = run.checkpoint
+    cp["rows_total"] = cp.get("rows_processed", 0) + remaining(run.client, run.keys, cp.get("position"), run.exact,
+                                                                run.until)
+    cp["rows_total_estimated"] = not run.exact
+
+
+def listing(rows: list[Row], specs: dict, database: str | None, remaining_of, exact: bool) -> list[dict]:
+    """Registered backfills plus those whose files exist but whose version is not registered in
+    `database`; progress of unfinished ones from `remaining_of(spec, row)`."""
+    by_id = {r.backfill_id: r for r in rows}
+    if database:
+        for version, spec in specs.items():
+            row = Row(backfill_id(database, version), version, database, "not registered", new_checkpoint(spec))
+            by_id.setdefault(row.backfill_id, row)
+    out = []
+    for r in by_id.values():
+        spec, left = specs.get(r.migration_version), None
+        if spec is not None and r.status not in ("completed", "running"):
+            left = remaining_of(spec, r)
+        out.append(summarize(r, spec, left, estimated=not exact))
+    return sorted(out, key=lambda s: (s["db_name"], s["migration_version"]))

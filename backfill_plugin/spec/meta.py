@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrator.discovery import Migration
+from migrator.discovery import Migration, discover
 
 from ..errors import BackfillError
 
@@ -210,6 +210,20 @@ def load_spec(migration: Migration) -> BackfillSpec:
 
 PACING = ("max_batch_size", "target_batch_seconds", "max_rows_per_second", "max_target_parts",
           "max_pending_mutations", "max_replica_delay_seconds")
+
+
+def all_specs(migrations_dir) -> dict[int, BackfillSpec]:
+    """Every version in the directory that ships backfill files, read and checked."""
+    return {v: load_spec(m) for v, m in discover(migrations_dir).items() if m.has_backfill}
+
+
+def find_spec(migrations_dir, version: int) -> BackfillSpec:
+    """The validated files of one version's backfill; a one-line error if there are none."""
+    for v, mig in discover(migrations_dir).items():
+        if v == version and mig.has_backfill:
+            return load_spec(mig)
+    raise BackfillError(f"no backfill for version {version} in {migrations_dir} "
+                        f"(expected {version:03d}_name.backfill.sql + .backfill.meta)")
 
 
 def parse_override(field: str, text: str):
