@@ -21,7 +21,7 @@ def walk(section: str) -> list[tuple[str, str, str]]:
     body = body[:body.index("\n## ", 1)]
     steps = []
     for match in FENCE.finditer(body):
-        before = body[:match.start()].rstrip().splitlines()[-1]
+        before = [line for line in body[:match.start()].rstrip().splitlines() if line.strip() and not line.startswith("<!--")][-1]
         named = FILE.match(before.strip())
         if named and match.group(1) in ("sql", "json"):
             steps.append(("file", named.group(1), match.group(2)))
