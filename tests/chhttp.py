@@ -384,7 +384,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body_out, fmt, summary = self._execute(sql, data, params, settings)
         except EngineError as err:
-            entry["status"], entry["error_code"] = http_status(err), err.code
+            entry["status"], entry["error_code"], entry["finished"] = http_status(err), err.code, time.time()
             if kind in ("late",):
                 time.sleep(fault["seconds"])
             if kind in ("drop", "reset"):
@@ -392,7 +392,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self._guarded(self._send_error, err, query_id)
             return
-        entry["status"] = 200
+        entry["status"], entry["finished"] = 200, time.time()
         headers = {"Content-Type": CONTENT_TYPES.get(fmt, "application/octet-stream" if fmt in (
                        "Native", "RowBinary", "RowBinaryWithNamesAndTypes", "RowBinaryWithNames") else
                        "text/plain; charset=UTF-8"),
