@@ -373,7 +373,7 @@ class Handler(BaseHTTPRequestHandler):
             entry["status"] = 400
             return
         fault = server.faults.take(sql)
-        kind = fault["kind"] if fault else None
+        kind = entry["fault"] = fault["kind"] if fault else None
         if kind == "refuse":
             entry["status"] = fault["status"]
             self._send(fault["status"], b"<html><body>upstream unavailable</body></html>\n",

@@ -228,12 +228,30 @@ def test_network_fault_ends_exact_or_stops_cleanly_and_resumes(http_endpoint, hc
     manager = ClickHouseBackfillManager(client, migrations_dir=root, sleep=lambda s: None)
     try:
         result = manager.run_backfill(hdb, 1)
+        outcome = "completed"
     except Exception as exc:  # noqa: BLE001 - a BackfillError, or the client's own error on a checkpoint write
         assert "\n" not in str(exc) and "Error" in type(exc).__name__
+        outcome = f"stopped ({type(exc).__name__}), resumed"
         time.sleep(0.6)  # our own lease, left by the stopped run
         result = ClickHouseBackfillManager(client, migrations_dir=root, sleep=lambda s: None).run_backfill(hdb, 1)
     assert result["stopped"] == "completed" and result["rows_processed"] == rows
-    assert len([e for e in http_endpoint.log() if match in e["query"]]) > nth, "the fault's target was sent"
+    faulted = [e for e in http_endpoint.log() if e.get("fault")]
+    assert len(faulted) == 1 and match in faulted[0]["query"], "the fault hit its statement once"
+    print(f"{kind} at {where}: {outcome}")
+    assert_copied_exactly(hclient, hdb, rows)
+
+
+def test_checkpoint_write_refused_stops_the_cli_with_one_line_and_resume_completes(http_endpoint, hclient, hdb,
+                                                                                    hsetup):
+    """Injected at the transport: a 503 from the load balancer on the 3rd checkpoint write of
+    `migrate backfill run`. The command stops with one line and a non-zero exit; `resume` completes exactly."""
+    rows = 400
+    root = hsetup(rows, 100)
+    http_endpoint.fault("refuse", "INSERT INTO db_management.backfills", nth=3, status=503)
+    stopped = migrate(http_endpoint.url, hdb, root, "backfill", "run", "1")
+    assert stopped.returncode != 0 and "Traceback" not in stopped.stderr
+    assert len(stopped.stderr.strip().splitlines()) == 1 and "503" in stopped.stderr, stopped.stderr
+    assert "completed" in ok(migrate(http_endpoint.url, hdb, root, "backfill", "resume", "1"))
     assert_copied_exactly(hclient, hdb, rows)
 
 
