@@ -21,7 +21,9 @@ What it does as ClickHouse does:
 - a second concurrent query in one session is refused with SESSION_IS_LOCKED (373);
 - a query keeps running when its client goes away (it is not cancelled) and shows in
   system.processes, killable with KILL QUERY from another request;
-- responses are compressed when `enable_http_compression=1` and Accept-Encoding names a method.
+- responses are compressed when enable_http_compression (the URL's, else the engine's default, 1) is on and
+  Accept-Encoding names a method (lz4, zstd, gzip, deflate); a request holds one statement (SYNTAX_ERROR
+  "Multi-statements are not allowed" otherwise, where chDB itself would run them all).
 
 Where it differs from a server (stated, not hidden):
 - chDB cannot be told a query id: system.processes and KILL QUERY see the engine's own id, not the
@@ -34,7 +36,8 @@ Where it differs from a server (stated, not hidden):
 - authentication is a check of one user/password pair given on the command line (headers
   X-ClickHouse-User/X-ClickHouse-Key, basic auth, or user/password parameters); the engine itself
   runs every query as its default user. A wrong password is AUTHENTICATION_FAILED (516, HTTP 403).
-- multipart (form-encoded) queries and external data are not supported.
+- not supported: multipart (form-encoded) queries, external data, ClickHouse's own block compression of
+  bodies (`compress=1`/`decompress=1`; HTTP Content-Encoding is supported).
 
 Test controls (not part of ClickHouse's interface): `POST /__faults` with JSON
 {match, regex?, nth?, times?, kind, seconds?, status?} arms a transport fault for the nth query whose
@@ -67,7 +70,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import chdb
 
-from migrator.sqltext import _lex
+from migrator.sqltext import _lex, split_statements
 
 # URL parameters ClickHouse's HTTPHandler consumes itself; they are not settings.
 RESERVED = {"query", "database", "default_format", "user", "password", "quota_key", "query_id", "stacktrace",
@@ -104,8 +107,10 @@ class Engine:
     def __init__(self, path: str):
         self.path = path
         self._root = chdb.connect(path)  # keeps the engine open between requests
-        row = self._root.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().rstrip("\n")
-        self.version, self.timezone = row.split("\t")
+        row = self._root.query("SELECT version(), timezone(), getSetting('enable_http_compression')",
+                               "TabSeparated").bytes().decode().rstrip("\n")
+        self.version, self.timezone, compression = row.split("\t")
+        self.compression = compression in ("1", "true")  # the engine's default for enable_http_compression
 
     def handle(self):
         return chdb.connect(self.path)
@@ -372,6 +377,12 @@ class Handler(BaseHTTPRequestHandler):
                                              f"(version {engine.version})"), query_id)
             entry["status"] = 400
             return
+        if len(split_statements(sql)) > 1:  # ClickHouse's parser takes one statement per HTTP request
+            entry["status"] = 400
+            self._send_error(EngineError(62, f"Code: 62. DB::Exception: Syntax error (Multi-statements are not "
+                                             f"allowed): failed at position {len(sql)} (end of query). (SYNTAX_ERROR) "
+                                             f"(version {engine.version})"), query_id)
+            return
         fault = server.faults.take(sql)
         kind = entry["fault"] = fault["kind"] if fault else None
         if kind == "refuse":
@@ -400,7 +411,9 @@ class Handler(BaseHTTPRequestHandler):
                    "X-ClickHouse-Timezone": engine.timezone, "X-ClickHouse-Summary": json.dumps(summary)}
         if params.get("session_id"):
             headers["Keep-Alive"] = f"timeout={params.get('session_timeout', '60')}"
-        if settings.get("enable_http_compression") in ("1", "true") and body_out:
+        compress = settings["enable_http_compression"] in ("1", "true") if "enable_http_compression" in settings \
+            else engine.compression
+        if compress and body_out:
             body_out, method = _compress(body_out, self.headers.get("Accept-Encoding", ""))
             if method:
                 headers["Content-Encoding"] = method
@@ -430,7 +443,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.shutdown(socket.SHUT_RDWR) if kind == "drop" else None
+            if kind == "drop":
+                self.connection.shutdown(socket.SHUT_RDWR)
             self.connection.close()
         except OSError:
             pass
