@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server serve-http lint mutation-check bench bench-narrow bench-scale clean
+.PHONY: demo test test-all test-server test-http serve-http lint mutation-check bench bench-narrow bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ mutation-check: $(STAMP)
 test-server: export MIGRATE_TEST_SERVER = docker
 test-server: $(STAMP)
 	$(BIN)/python -m pytest -q -m "server or not server" -rs tests/test_server_mode.py tests/test_cluster_server.py
+
+# The in-process suites with every client over HTTP: each worker's tests/chhttp.py endpoint instead of its
+# embedded store (tests that assert embedded-only behaviour say so and check the HTTP equivalent).
+test-http: $(STAMP)
+	MIGRATE_TEST_HTTP=1 $(BIN)/python -m pytest -q -n 3 $(or $(TESTS),tests)
 
 # ClickHouse's HTTP interface over the embedded engine, for trying `migrate --url http://127.0.0.1:8123` by hand.
 serve-http: $(STAMP)

@@ -32,11 +32,15 @@ MIGRATE = [sys.executable, "-m", "migrator"]
 
 
 @pytest.fixture(scope="session")
-def store_url(tmp_path_factory):
-    """The URL every in-process client of this test process uses (one chDB store per process)."""
+def store_url(request, tmp_path_factory):
+    """The URL every in-process client of this test process uses (one chDB store per process): a server's
+    when CLICKHOUSE_URL is http(s)://..., this worker's HTTP endpoint (tests/chhttp.py) with
+    MIGRATE_TEST_HTTP=1, else an embedded store."""
     url = os.environ.get("CLICKHOUSE_URL")
     if url and not url.startswith("chdb"):
         return url
+    if os.environ.get("MIGRATE_TEST_HTTP") == "1":
+        return request.getfixturevalue("http_endpoint").url
     return "chdb://" + str(tmp_path_factory.mktemp("chdb") / "store")
 
 

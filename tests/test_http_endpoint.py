@@ -21,6 +21,7 @@ import pytest
 from backfill_plugin import ClickHouseBackfillManager, preflight
 from backfill_plugin.attempt import MARKER, untagged
 from migrator import connection
+from migrator.errors import one_line
 from migrator.runner import Context, Migrator
 from tests.conftest import (
     DOWN_SQL,
@@ -94,6 +95,74 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
     assert "Traceback" not in proc.stderr
     return proc.stdout
+
+
+# -- the endpoint itself: ClickHouse's HTTP interface, as documented -----------------------------------
+def _http(endpoint, body: bytes = b"", headers: dict | None = None, **params):
+    """One raw request: (status, headers, body) whatever the status."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    url = endpoint.base + "/?" + urllib.parse.urlencode(params)
+    req = urllib.request.Request(url, data=body or None, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def test_endpoint_speaks_clickhouse_http(http_endpoint):
+    """The transport rules of tests/chhttp.py that the product relies on, checked on raw requests."""
+    import threading
+    status, headers, body = _http(http_endpoint, b"SELECT * FROM no_such_db.t")
+    assert status == 404 and headers["X-ClickHouse-Exception-Code"] == "81"
+    assert body.startswith(b"Code: 81. DB::Exception: ") and b"(UNKNOWN_DATABASE) (version " in body
+    status, headers, body = _http(http_endpoint, b"SELECT throwIf(1)")
+    assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "395"
+    assert _http(http_endpoint, b" + 1", query="SELECT 41")[2] == b"42\n"  # query parameter, newline, body
+    assert _http(http_endpoint, b"SELECT {s:String} || '!'", param_s="it's")[2] == b"it\\'s!\n"
+    assert _http(http_endpoint, b"SELECT 1", no_such_setting="1")[1]["X-ClickHouse-Exception-Code"] == "115"
+    assert _http(http_endpoint, b"SELECT getSetting('max_threads')", max_threads="3")[2] == b"3\n"
+    assert _http(http_endpoint, b"SELECT getSetting('max_threads')")[2] != b"3\n"  # that query only
+    assert _http(http_endpoint, b"SELECT 1; SELECT 2")[1]["X-ClickHouse-Exception-Code"] == "62"
+    assert _http(http_endpoint, query_id="q-1", query="SELECT 1")[1]["X-ClickHouse-Query-Id"] == "q-1"
+    status, _, body = _http(http_endpoint, query="CREATE DATABASE nope_ro")  # GET runs read-only
+    assert status == 500 and b"(READONLY)" in body
+    gz = _http(http_endpoint, b"SELECT number FROM numbers(1000)", {"Accept-Encoding": "gzip"},
+               enable_http_compression="1")
+    assert gz[1]["Content-Encoding"] == "gzip"
+    assert json.loads(gz[1]["X-ClickHouse-Summary"])["read_rows"] == "1000"
+    # a session carries SET and runs one query at a time: a second concurrent one is SESSION_IS_LOCKED
+    sid = uuid.uuid4().hex
+    assert _http(http_endpoint, b"SET max_threads = 1", session_id=sid)[0] == 200
+    slow = threading.Thread(target=_http, args=(http_endpoint, b"SELECT sleep(1.5)"), kwargs={"session_id": sid})
+    slow.start()
+    time.sleep(0.5)
+    status, headers, body = _http(http_endpoint, b"SELECT 1", session_id=sid)
+    slow.join()
+    assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "373" and b"SESSION_IS_LOCKED" in body
+    assert _http(http_endpoint, b"SELECT getSetting('max_threads')", session_id=sid)[2] == b"1\n"
+    # a stall holds the query back before it runs; it then runs and answers
+    http_endpoint.fault("stall", "SELECT 'stalled'", seconds=1.0)
+    started = time.monotonic()
+    assert _http(http_endpoint, b"SELECT 'stalled'")[2] == b"stalled\n"
+    assert time.monotonic() - started >= 1.0
+
+
+def test_an_engine_error_reads_the_same_over_http_as_embedded(hclient, ch_client, store_url):
+    """migrator.errors.one_line drops clickhouse-connect's HTTP wrapper: the operator sees ClickHouse's own
+    `Code: N. DB::Exception: ...` from either backend (a server adds its version)."""
+    if not store_url.startswith("chdb"):
+        pytest.skip("needs the embedded store to compare with")
+    lines = []
+    for client in (ch_client, hclient):
+        with pytest.raises(Exception) as err:
+            client.command("SELECT throwIf(number = 3, 'three') FROM numbers(5)")
+        lines.append(one_line(err.value))
+    embedded, http = lines
+    assert embedded.startswith("Code: 395. DB::Exception: three")
+    assert http.startswith(embedded) and http.endswith(")")
 
 
 # -- (a) every command, in subprocesses, over HTTP ---------------------------------------------------------
