@@ -36,7 +36,9 @@ Where it differs from a server (stated, not hidden):
 - authentication is a check of one user/password pair given on the command line (headers
   X-ClickHouse-User/X-ClickHouse-Key, basic auth, or user/password parameters); the engine itself
   runs every query as its default user. A wrong password is AUTHENTICATION_FAILED (516, HTTP 403).
-- not supported: multipart (form-encoded) queries, external data, ClickHouse's own block compression of
+- form bodies (multipart/form-data or urlencoded; clickhouse-connect sends `query` and `param_*` so
+  when they would make the URL too long) give the query and parameters;
+- not supported: external data (file fields), ClickHouse's own block compression of
   bodies (`compress=1`/`decompress=1`; HTTP Content-Encoding is supported).
 
 Test controls (not part of ClickHouse's interface): `POST /__faults` with JSON
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import email.policy
 import gzip
 import json
 import os
@@ -66,6 +69,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import chdb
@@ -191,6 +195,21 @@ def split_insert_data(raw: bytes) -> tuple[str, bytes | None]:
                 i += 1
             return raw[:end].decode(), raw[i:]
     return raw.decode(), None
+
+
+def form_fields(content_type: str, body: bytes) -> dict:
+    """The text fields of a form body (clickhouse-connect sends query and param_* this way when they
+    would make the URL too long); file fields (external data) are not supported."""
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    out = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name and not part.get_filename():
+            out[name] = part.get_payload(decode=True).decode()
+    return out
 
 
 def engine_error(exc: Exception, version: str) -> EngineError:
@@ -331,6 +350,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path not in ("/", "/query"):
             self._send(404, b"There is no handle " + url.path.encode() + b"\n", {"Content-Type": "text/plain"})
             return
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            params, body = {**params, **form_fields(content_type, body)}, b""  # fields: query, param_<name>
         self._query(params, body)
 
     # -- a query -----------------------------------------------------------------------------------------

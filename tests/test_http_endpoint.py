@@ -150,6 +150,14 @@ def test_endpoint_speaks_clickhouse_http(http_endpoint):
     assert time.monotonic() - started >= 1.0
 
 
+def test_large_parameters_travel_as_a_form(hclient, http_endpoint):
+    """clickhouse-connect moves the query and its param_* into a multipart form when they would make the URL
+    too long; the endpoint reads them from the form, as ClickHouse does, and the engine binds them."""
+    values = [f"v{i};'x" + "y" * 100 for i in range(2_000)]
+    got = hclient.query("SELECT length({qs:Array(String)}), {qs:Array(String)}[2000]", parameters={"qs": values})
+    assert got.result_rows == [(2_000, values[-1])]
+
+
 def test_an_engine_error_reads_the_same_over_http_as_embedded(hclient, ch_client, store_url):
     """migrator.errors.one_line drops clickhouse-connect's HTTP wrapper: the operator sees ClickHouse's own
     `Code: N. DB::Exception: ...` from either backend (a server adds its version)."""
