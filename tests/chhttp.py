@@ -36,8 +36,8 @@ Where it differs from a server (stated, not hidden):
 - authentication is a check of one user/password pair given on the command line (headers
   X-ClickHouse-User/X-ClickHouse-Key, basic auth, or user/password parameters); the engine itself
   runs every query as its default user. A wrong password is AUTHENTICATION_FAILED (516, HTTP 403).
-- form bodies (multipart/form-data or urlencoded; clickhouse-connect sends `query` and `param_*` so
-  when they would make the URL too long) give the query and parameters;
+- a multipart/form-data body gives the query and parameters (clickhouse-connect sends `query` and
+  `param_*` so when they would make the URL too long);
 - not supported: external data (file fields), ClickHouse's own block compression of
   bodies (`compress=1`/`decompress=1`; HTTP Content-Encoding is supported).
 
@@ -198,10 +198,8 @@ def split_insert_data(raw: bytes) -> tuple[str, bytes | None]:
 
 
 def form_fields(content_type: str, body: bytes) -> dict:
-    """The text fields of a form body (clickhouse-connect sends query and param_* this way when they
-    would make the URL too long); file fields (external data) are not supported."""
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        return dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
+    """The text fields of a multipart form body (clickhouse-connect sends query and param_* this way when
+    they would make the URL too long); file fields (external data) are not supported."""
     message = BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
     out = {}
@@ -351,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"There is no handle " + url.path.encode() + b"\n", {"Content-Type": "text/plain"})
             return
         content_type = self.headers.get("Content-Type", "")
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if content_type.startswith("multipart/form-data"):  # (a urlencoded body is the query, as curl -d sends it)
             params, body = {**params, **form_fields(content_type, body)}, b""  # fields: query, param_<name>
         self._query(params, body)
 
