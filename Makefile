@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server lint mutation-check bench bench-narrow bench-scale clean
+.PHONY: demo test test-all test-server test-http serve-http lint mutation-check bench bench-narrow bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,10 +28,21 @@ test: lint
 mutation-check: $(STAMP)
 	$(BIN)/python tests/mutation_check.py
 
-# The server suites: CLICKHOUSE_URL=http://user@host:8123 (and CLICKHOUSE_CLUSTER_URL / MIGRATE_CLUSTER),
-# or Docker for testcontainers; without either they are skipped with their reason.
+# The server suites against a real server: CLICKHOUSE_URL=http://user@host:8123 (and CLICKHOUSE_CLUSTER_URL /
+# MIGRATE_CLUSTER), or Docker for testcontainers; without either they are skipped with their reason.
+# (`make test` runs tests/test_server_mode.py against tests/chhttp.py, the HTTP endpoint over the engine.)
+test-server: export MIGRATE_TEST_SERVER = docker
 test-server: $(STAMP)
 	$(BIN)/python -m pytest -q -m "server or not server" -rs tests/test_server_mode.py tests/test_cluster_server.py
+
+# The in-process suites with every client over HTTP: each worker's tests/chhttp.py endpoint instead of its
+# embedded store (tests that assert embedded-only behaviour say so and check the HTTP equivalent).
+test-http: $(STAMP)
+	MIGRATE_TEST_HTTP=1 $(BIN)/python -m pytest -q -n 3 $(or $(TESTS),tests)
+
+# ClickHouse's HTTP interface over the embedded engine, for trying `migrate --url http://127.0.0.1:8123` by hand.
+serve-http: $(STAMP)
+	$(BIN)/python -m tests.chhttp --store $(CURDIR)/.chhttp/store --port $(or $(PORT),8123)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" -s
@@ -67,4 +78,4 @@ bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_021.py --calls 2000000 --scale --variants deferred $(ARGS)
 
 clean:
-	rm -rf .demo .chdb .chdb.control
+	rm -rf .demo .chdb .chdb.control .chhttp

@@ -8,10 +8,19 @@ class MigrateError(Exception):
     """A failure the operator can act on; its message is the whole story on one line."""
 
 
+# clickhouse-connect's HTTP client wraps the server's own message; embedded chDB gives it bare
+_HTTP_WRAPPER = re.compile(r"^Received ClickHouse exception, code: \d+, server response: (?=Code: \d+\.)")
+_HTTP_URL = re.compile(r" \(for url https?://[^)\s]*\)$")
+
+
 def one_line(exc: BaseException) -> str:
-    """The first line of an error: what the operator sees, what error_log keeps."""
+    """The first line of an error: what the operator sees, what error_log keeps. A ClickHouse error reads
+    the same from a server over HTTP as from the embedded engine: `Code: N. DB::Exception: ...`."""
     text = str(exc).strip().splitlines()
-    return text[0][:500] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = _HTTP_URL.sub("", _HTTP_WRAPPER.sub("", text[0]))
+    return line[:500]
 
 
 def error_code(exc: BaseException) -> int | None:

@@ -32,11 +32,15 @@ MIGRATE = [sys.executable, "-m", "migrator"]
 
 
 @pytest.fixture(scope="session")
-def store_url(tmp_path_factory):
-    """The URL every in-process client of this test process uses (one chDB store per process)."""
+def store_url(request, tmp_path_factory):
+    """The URL every in-process client of this test process uses (one chDB store per process): a server's
+    when CLICKHOUSE_URL is http(s)://..., this worker's HTTP endpoint (tests/chhttp.py) with
+    MIGRATE_TEST_HTTP=1, else an embedded store."""
     url = os.environ.get("CLICKHOUSE_URL")
     if url and not url.startswith("chdb"):
         return url
+    if os.environ.get("MIGRATE_TEST_HTTP") == "1":
+        return request.getfixturevalue("http_endpoint").url
     return "chdb://" + str(tmp_path_factory.mktemp("chdb") / "store")
 
 
@@ -46,6 +50,87 @@ def ch_client(store_url):
         yield clickhouse_connect.get_client(dsn=store_url)
     else:
         yield connection.connect(connection.resolve(store_url))
+
+
+class HttpEndpoint:
+    """A running tests/chhttp.py: ClickHouse's HTTP interface over this worker's own engine process.
+
+    `url` is what `migrate` and connection.connect take; `fault(...)` arms a transport fault aimed at
+    the nth query whose text matches; `log()` is every query the endpoint received."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, store: Path, password: str | None):
+        self.proc, self.port, self.store, self.password = proc, port, store, password
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/"
+
+    def _call(self, method: str, path: str, payload=None):
+        import urllib.request
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def fault(self, kind: str, match: str, nth: int = 1, times: int = 1, seconds: float = 0.0, status: int = 503,
+              regex: bool = False) -> None:
+        self._call("POST", "/__faults", {"kind": kind, "match": match, "nth": nth, "times": times,
+                                         "seconds": seconds, "status": status, "regex": regex})
+
+    def clear_faults(self) -> None:
+        self._call("DELETE", "/__faults")
+
+    def log(self) -> list[dict]:
+        return self._call("GET", "/__log")
+
+    def clear_log(self) -> None:
+        self._call("DELETE", "/__log")
+
+
+def start_endpoint(store: Path, password: str | None = None, timeout: float = 60) -> HttpEndpoint:
+    """Start tests/chhttp.py on a free port of 127.0.0.1 with its own store; return once /ping answers."""
+    import urllib.request
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CHHTTP_PASSWORD", None)
+    if password is not None:
+        env["CHHTTP_PASSWORD"] = password  # not on the command line, where ps would show it
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.parent / "chhttp.stderr", "ab") as errors:  # tracebacks of the endpoint, if any
+        proc = subprocess.Popen([sys.executable, "-m", "tests.chhttp", "--store", str(store), "--port", "0"],
+                                cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on http://127.0.0.1:"):
+        proc.kill()
+        raise RuntimeError(f"the HTTP endpoint did not start: {line!r}")
+    port = int(line.split("127.0.0.1:")[1].split("/")[0])
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
+                if resp.read() == b"Ok.\n":
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("the HTTP endpoint did not answer /ping")
+        time.sleep(0.05)
+    return HttpEndpoint(proc, port, store, password)
+
+
+def stop_endpoint(endpoint: HttpEndpoint) -> None:
+    endpoint.proc.terminate()
+    try:
+        endpoint.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        endpoint.proc.kill()
+        endpoint.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def http_endpoint(tmp_path_factory):
+    """This worker's HTTP endpoint over a fresh store (tests/chhttp.py in a subprocess), stopped at the end."""
+    endpoint = start_endpoint(tmp_path_factory.mktemp("chhttp") / "store")
+    yield endpoint
+    stop_endpoint(endpoint)
 
 
 @pytest.fixture

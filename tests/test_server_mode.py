@@ -1,8 +1,9 @@
 """The engine and fault tests again, against a ClickHouse server instead of the embedded store.
 
 The server is CLICKHOUSE_URL when it is http(s)://... (password from the URL or CLICKHOUSE_PASSWORD),
-else one that Docker starts through testcontainers' ClickHouse module; with neither, every test here
-is skipped and the summary says why. Server mode differs where it matters: several processes share
+else with MIGRATE_TEST_SERVER=docker one that Docker starts through testcontainers' ClickHouse module
+(skipped with the reason when it cannot), else the test HTTP endpoint (tests/chhttp.py): ClickHouse's
+HTTP interface over the real engine in its own process, so `make test` runs the product's HTTP path. Server mode differs where it matters: several processes share
 the server, so `pause` and `status` from a second process go through the tracking table, and a
 second runner is refused by its lease rather than by the store lock.
 """
@@ -39,6 +40,7 @@ from tests.conftest import (
 from tests.test_faults import (
     ANTI_JOIN,
     COPY_SQL,
+    FIRST_ATTEMPT_FAILS,
     OOM_SETTINGS,
     OOM_SQL,
     OOM_UP,
@@ -62,12 +64,21 @@ def _docker_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    """An http(s) URL of a ClickHouse server, or a skip that says why there is none."""
+def server_url(request):
+    """An http(s) URL of a ClickHouse server: CLICKHOUSE_URL when it is http(s)://..., a server that Docker
+    starts through testcontainers when MIGRATE_TEST_SERVER=docker (skipped with its reason if it cannot),
+    else this worker's HTTP endpoint over the real engine (tests/chhttp.py)."""
     url = os.environ.get("CLICKHOUSE_URL", "")
     if url.startswith(("http://", "https://")):
         yield url
         return
+    if os.environ.get("MIGRATE_TEST_SERVER") != "docker":
+        yield request.getfixturevalue("http_endpoint").url
+        return
+    yield from _docker_server_url()
+
+
+def _docker_server_url():
     problem = _docker_reason()
     if problem:
         reason = (f"server mode skipped: CLICKHOUSE_URL is not http(s)://... and Docker cannot start a "
@@ -156,15 +167,19 @@ def test_crash_between_insert_and_checkpoint_replays_without_duplicates(server, 
 
 
 def test_transient_error_after_a_partial_commit_is_retried_without_duplicates(server, sdb, setup):
-    """A real throwIf (395) on the first attempt only (the target is empty then), mid-batch. Only time
-    is replaced: `sleep` records the backoff instead of waiting it out."""
+    """A real throwIf (395) mid-batch on the first attempt only ({retry_count} = 0), after the failed
+    INSERT committed part of the batch; the retry anti-joins. Only time is replaced: `sleep` records the
+    backoff and what the target held then. (SQL without {retry_count} commits whole or not at all:
+    test_faults.test_token_only_sql_never_commits_part_of_a_failed_batch.)"""
     rows = 40_000
-    sql = COPY_SQL + " AND throwIf((SELECT count() FROM {db}.dst) = 0 AND a = 'k020000') = 0"
-    root = setup(rows, 32_768, sql=sql, up=simple_up(rows), min_batch_size=1000, settings=PARTIAL_COMMIT)
+    root = setup(rows, 32_768, sql=FIRST_ATTEMPT_FAILS, up=simple_up(rows), min_batch_size=1000,
+                 settings=PARTIAL_COMMIT)
     sleeps = []
-    manager = ClickHouseBackfillManager(server, migrations_dir=root, sleep=sleeps.append)
+    manager = ClickHouseBackfillManager(
+        server, migrations_dir=root, sleep=lambda s: sleeps.append((s, server.command(f"SELECT count() FROM {sdb}.dst"))))
     assert manager.run_backfill(sdb, 1)["stopped"] == "completed"
-    assert sleeps == [1]
+    assert [s for s, _ in sleeps] == [1]
+    assert 0 < sleeps[0][1] < 32_768, "the failed INSERT committed part of the batch before failing"
     exact(server, sdb, rows)
 
 
