@@ -61,6 +61,9 @@ MUTATIONS = [
     ("halved batch not written ahead", "backfill_plugin/protocol/attempt.py",
      "first_attempt_at=batch.first_attempt_at)\n        self.save()", "first_attempt_at=batch.first_attempt_at)",
      [T + "test_takeover_and_halving.py", "-k", "halved"]),
+    ("health checked only every interval, even near a limit", "backfill_plugin/pacing/pacer.py",
+     "return any(self.projected(signal) > limit / 2", "return False and any(self.projected(signal) > limit / 2",
+     [T + "test_pacing_loop.py", "-k", "within_one_batch"]),
 ]
 
 
