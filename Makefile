@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http lint mutation-check bench bench-narrow bench-scale clean
+.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: lint
 # Break one guarantee at a time in a temporary copy; every mutation must make a test fail.
 mutation-check: $(STAMP)
 	$(BIN)/python tests/mutation_check.py
+
+# Three backfills at once on one embedded store, polled every 100 ms, one paused and resumed, a migration
+# applied meanwhile; SOAK_ROWS rows each (default 200000: a few minutes on 2 cores).
+soak: $(STAMP)
+	SOAK_ROWS=$${SOAK_ROWS:-200000} $(BIN)/python -m pytest -q -s -m slow tests/test_concurrent_backfills.py -k soak
 
 # The server suites against a real server: CLICKHOUSE_URL=http://user@host:8123 (and CLICKHOUSE_CLUSTER_URL /
 # MIGRATE_CLUSTER), or Docker for testcontainers; without either they are skipped with their reason.

@@ -28,7 +28,7 @@ What it does as ClickHouse does:
 Where it differs from a server (stated, not hidden):
 - chDB cannot be told a query id: system.processes and KILL QUERY see the engine's own id, not the
   `query_id` the client sent (which is only echoed). Code that finds queries by a marker in their
-  text (backfill_plugin.attempt) works unchanged; `KILL QUERY WHERE query_id = '<client id>'` does not.
+  text (backfill_plugin/protocol/attempt.py) works unchanged; `KILL QUERY WHERE query_id = '<client id>'` does not.
 - X-ClickHouse-Summary carries what the engine reports (read_rows, read_bytes, elapsed_ns); the
   engine does not report written rows, so written_* keys are absent.
 - no X-ClickHouse-Progress headers: the status line is sent when the query has ended (as with

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from backfill_plugin import ClickHouseBackfillManager, preflight
-from backfill_plugin.attempt import MARKER, untagged
+from backfill_plugin import ClickHouseBackfillManager
+from backfill_plugin.protocol import preflight
+from backfill_plugin.protocol.attempt import MARKER, untagged
 from migrator import connection
 from migrator.errors import one_line
 from migrator.runner import Context, Migrator

@@ -16,6 +16,7 @@ import pytest
 
 from backfill_plugin.errors import BackfillError
 from backfill_plugin.pacing.health import Health, Limits, Throttle, wait_until_healthy
+from backfill_plugin.pacing.pacer import CheckSchedule
 from backfill_plugin.pacing.sizing import BatchSizer, RateCeiling
 from backfill_plugin.spec.meta import MAX_INT, load_spec, parse_override
 from migrator.discovery import discover
@@ -217,6 +218,33 @@ def test_backoff_doubles_to_its_cap_and_a_healthy_check_returns_at_once():
     assert [b - a for a, b in zip(checks, checks[1:])] == [1, 2, 4, 8, 8, 8, 8]
     calls = []
     assert wait_until_healthy(lambda: None, lambda: calls.append(1), calls.append) is None and calls == []
+
+
+def test_health_is_checked_before_every_batch_once_a_signal_may_be_within_reach(monkeypatch):
+    """The schedule's decisions over an injected clock: far from the limits, one check per interval; the
+    parts projected from the batches since the last check (at the rate seen between checks) decide when
+    a check comes early, and a signal read above half its limit is checked before every batch."""
+    monkeypatch.setenv("BACKFILL_HEALTH_SECONDS", "5")
+    now = [0.0]
+    schedule = CheckSchedule(clock=lambda: now[0])
+
+    def batches_until_due() -> int:
+        count = 0
+        while not schedule.due():
+            schedule.batches += 1
+            count += 1
+        return count
+    assert schedule.due()  # the first batch
+    schedule.checked({"target_parts": (0, 100), "pending_mutations": (0, 10)})
+    assert batches_until_due() == 51  # one part a batch at least: 51 > 100 / 2
+    schedule.checked({"target_parts": (153, 400), "pending_mutations": (0, 10)})  # 3 parts a batch seen
+    assert schedule.parts_per_batch == 3 and batches_until_due() == 16  # 153 + 3 x 16 > 200
+    schedule.checked({"target_parts": (0, 100), "pending_mutations": (6, 10)})
+    assert schedule.due()  # mutations over half their limit: every batch
+    schedule.checked({"target_parts": (0, 100), "pending_mutations": (0, 10)})
+    assert not schedule.due()
+    now[0] += 5
+    assert schedule.due()  # the interval passed
 
 
 class Recorder:

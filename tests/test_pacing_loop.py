@@ -74,6 +74,36 @@ def test_runner_waits_while_the_target_has_too_many_parts_then_finishes_exactly(
     assert_copied_exactly(ch_client, db, rows=2100)
 
 
+def test_parts_hold_within_one_batch_of_the_limit_however_fast_the_batches(
+        ch_client, db, store_url, shared_store_backfill, monkeypatch):
+    """500-row batches of a few tens of ms, merges stopped, at most 6 parts, the health interval left at its
+    default 5 s: the parts never pass the limit by more than the one part a batch writes (measured after
+    every batch), not by the dozens of batches five seconds hold."""
+    monkeypatch.delenv("BACKFILL_HEALTH_SECONDS", raising=False)
+    limit = 6
+    root = shared_store_backfill(UP.format(rows=30_000), SQL % 0, {**META, "batch_size": 500, "max_target_parts": limit})
+    ch_client.command(f"SYSTEM STOP MERGES {db}.dst")
+    sampler = own_client(store_url)
+    parts = []
+
+    def count_parts(summary, event):
+        parts.append(sampler.command(f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'dst' "
+                                     "AND active"))
+    runner = Runner(ClickHouseBackfillManager(ch_client, migrations_dir=root), db, on_batch=count_parts)
+    runner.start()
+    operator = ClickHouseBackfillManager(own_client(store_url), migrations_dir=root)
+    wait_until(lambda: (operator.get_status(db, 1, live_counts=False)["throttled"] or {}).get("signal") == "target_parts")
+    operator.pause_backfill(db, 1)
+    runner.join(60)
+    assert runner.error is None and runner.result["stopped"] == "paused", (runner.error, runner.result)
+    assert parts == list(range(1, len(parts) + 1))  # one part a batch, none merged away
+    assert max(parts) <= limit + 1, parts
+    ch_client.command(f"SYSTEM START MERGES {db}.dst")
+    done = operator.resume_backfill(db, 1, pacing={"max_target_parts": "off"})
+    assert done["status"] == "completed"
+    assert_copied_exactly(ch_client, db, rows=30_000)
+
+
 def test_pause_while_throttled_stops_the_runner_and_resume_finishes(
         ch_client, db, store_url, shared_store_backfill, monkeypatch):
     monkeypatch.setenv("BACKFILL_HEALTH_SECONDS", "0")

@@ -58,6 +58,7 @@ class Health:
     def __init__(self, client, database: str, table: str, limits: Limits, cluster: str | None = None):
         self.client, self.database, self.table, self.limits, self.cluster = client, database, table, limits, cluster
         self.name = f"{database}.{table}"
+        self.readings: dict[str, tuple[float, float]] = {}  # signal -> (value, limit) of the last check
 
     def _system(self, table: str) -> str:
         return f"clusterAllReplicas({self.cluster}, system.{table})" if self.cluster else f"system.{table}"
@@ -74,6 +75,7 @@ class Health:
         """The first signal over its limit, or None when the batch may start."""
         engine, needs = None, [f for f in ("max_target_parts", "max_replica_delay_seconds")
                                if not _off(getattr(self.limits, f))]
+        self.readings = {}
         if needs:  # read on every check: an ALTER ... MODIFY SETTING during the wait counts
             rows = self._query(needs[0], "SELECT engine, engine_full FROM system.tables "
                                          "WHERE database = {d:String} AND name = {t:String}")
@@ -104,6 +106,7 @@ class Health:
         rows = self._query("max_target_parts", f"SELECT partition_id, count() AS parts FROM {self._system('parts')} "
                                                "WHERE database = {d:String} AND table = {t:String} AND active "
                                                "GROUP BY hostName(), partition_id ORDER BY parts DESC LIMIT 1")
+        self.readings["target_parts"] = (int(rows[0][1]) if rows else 0, limit)
         if not rows or rows[0][1] <= limit:
             return None
         partition, parts = rows[0][0], int(rows[0][1])
@@ -122,6 +125,7 @@ class Health:
                            "WHERE database = {d:String} AND table = {t:String} AND NOT is_done "
                            "GROUP BY hostName() ORDER BY pending DESC LIMIT 1")  # each replica lists the same one
         count = int(rows[0][0]) if rows else 0
+        self.readings["pending_mutations"] = (count, int(limit))
         if count <= int(limit):
             return None
         reason = (f"{self.name} has {count} pending mutation{'s' * (count != 1)}, over max_pending_mutations "
@@ -138,6 +142,7 @@ class Health:
         rows = self._query("max_replica_delay_seconds",
                            f"SELECT replica_name, absolute_delay FROM {self._system('replicas')} "
                            "WHERE database = {d:String} AND table = {t:String} ORDER BY absolute_delay DESC LIMIT 1")
+        self.readings["replica_delay"] = (float(rows[0][1]) if rows else 0.0, float(limit))
         if not rows or rows[0][1] <= limit:
             return None
         return Throttle("replica_delay", int(rows[0][1]), limit,

@@ -17,8 +17,39 @@ log = logging.getLogger("backfill")
 
 
 def health_interval() -> float:
-    """Seconds between two health checks (BACKFILL_HEALTH_SECONDS, default 5): short batches pay no query each."""
+    """Seconds between two health checks far from every limit (BACKFILL_HEALTH_SECONDS, default 5): short
+    batches pay no query each."""
     return float(os.environ.get("BACKFILL_HEALTH_SECONDS", 5))
+
+
+class CheckSchedule:
+    """When the next health check is due: every `health_interval()` while every signal is far from its limit,
+    and before every batch once one may be within reach of it.
+
+    Within reach: the last reading above half its limit, the target's parts counted with what the batches
+    since may have added (parts per batch as seen between the last two checks, at least one). However short
+    the batches, the parts then stop within one batch of their limit.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock, self.checked_at, self.readings = clock, None, {}
+        self.batches, self.parts_per_batch = 0, 1.0  # batches started since the last check
+
+    def projected(self, signal: str) -> float:
+        value = self.readings[signal][0]
+        return value + self.batches * self.parts_per_batch if signal == "target_parts" else value
+
+    def due(self) -> bool:
+        if self.checked_at is None or self.clock() - self.checked_at >= health_interval():
+            return True
+        return any(self.projected(signal) > limit / 2 for signal, (_, limit) in self.readings.items())
+
+    def checked(self, readings: dict) -> None:
+        """A check just read `readings` ({signal: (value, limit)})."""
+        before, now = self.readings.get("target_parts"), readings.get("target_parts")
+        if before and now and self.batches:
+            self.parts_per_batch = max(1.0, (now[0] - before[0]) / self.batches)
+        self.readings, self.batches, self.checked_at = dict(readings), 0, self.clock()
 
 
 def record_throttle(checkpoint: dict, throttle) -> None:
@@ -53,11 +84,12 @@ class Pacer:
         if run.target is None:
             log.warning("the backfill SQL's target table could not be read: health throttling is off for this run")
         self.publish, self.sleep, self.clock = publish, sleep, clock
-        self.checked_at = None
+        self.schedule = CheckSchedule(clock)
 
     def before_batch(self, should_stop) -> str | None:
         """Wait while the target is over a health limit; returns a stop reason if one ends the wait."""
-        if self.health is None or (self.checked_at is not None and self.clock() - self.checked_at < health_interval()):
+        if self.health is None or not self.schedule.due():
+            self.schedule.batches += 1
             return None
         throttled = []
 
@@ -67,7 +99,8 @@ class Pacer:
                 self.publish(throttle)
             throttled.append(throttle)
         reason = wait_until_healthy(self.health.check, should_stop, on_throttled, self.sleep, self.clock)
-        self.checked_at = self.clock()
+        self.schedule.checked(self.health.readings)
+        self.schedule.batches += reason is None
         if throttled:
             self.publish(None)
         return reason
