@@ -141,9 +141,9 @@ def test_third_party_placeholders_and_batch_events(ch_client, db, copy_manager):
 
 
 def test_unknown_placeholder_is_named(db, copy_manager):
-    mgr = copy_manager(sql="INSERT INTO {db}.dst SELECT a, b, '{tennant}' FROM {db}.src WHERE {batch_range}")
-    with pytest.raises(BackfillError, match=r"unknown placeholder \{tennant\}"):
-        mgr.run_backfill(db, 1)
+    """Said at `up` already, when the SQL of the first range is rendered and planned."""
+    with pytest.raises(BackfillError, match=r"001_x\.backfill\.sql: unknown placeholder \{tennant\}"):
+        copy_manager(sql="INSERT INTO {db}.dst SELECT a, b, '{tennant}' FROM {db}.src WHERE {batch_range}")
 
 
 def test_dry_run_writes_nothing(ch_client, db, copy_manager):

@@ -161,8 +161,11 @@ def _plan(context, scratch: Scratch, spec, template: str) -> None:
         sqlcheck.explain(context.client, sql, params, spec.sql_path, rename)
         target = None if run.skips_existing else dedup.target_table(sql, scratch.name)
         if target and target[0] == scratch.name and target[1] in scratch.faithful:
-            dedup.check_window((context.database, target[1]), dedup.window(context.client, *target),
-                               spec.meta["timeout_seconds"] + lease_seconds())
+            try:
+                dedup.check_window((context.database, target[1]), dedup.window(context.client, *target),
+                                   spec.meta["timeout_seconds"] + lease_seconds())
+            except BackfillError as exc:
+                sqlcheck.refuse(f"{spec.sql_path}: {exc}")
     except Exception as exc:  # noqa: BLE001 - only a faithful replay's verdict stops `up`
         if scratch.complete and isinstance(exc, BackfillError) and not any(d in str(exc) for d in scratch.elsewhere):
             message = str(exc)

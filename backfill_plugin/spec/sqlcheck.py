@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 from migrator.sqltext import _lex
 
 from ..errors import BackfillError, one_line
-from .render import placeholders
+from .render import PLACEHOLDER, placeholders
 
 log = logging.getLogger("backfill")
 # Functions whose value differs between a batch and its replay (or between two runs).
@@ -31,13 +32,24 @@ _LIMIT = re.compile(r"\b(LIMIT|OFFSET)\b", re.IGNORECASE)
 _LIMIT_BY = re.compile(r"LIMIT\s+[^\s,()]+(?:\s*,\s*[^\s,()]+)?\s+BY\b", re.IGNORECASE)
 
 
+def refuse(message: str, warnings: list[str] | None = None) -> None:
+    """A refusal of SQL that cannot be exactly-once; BACKFILL_CHECKS=warn turns it into a warning
+    (what `exactly_once(checks="warn")` uses to show what such SQL does to the target)."""
+    if os.environ.get("BACKFILL_CHECKS") == "warn":
+        (warnings if warnings is not None else []).append(message)
+        if warnings is None:
+            log.warning("warning: %s", message)
+        return
+    raise BackfillError(message)
+
+
 def code_only(sql: str) -> str:
-    """The SQL with strings and comments blanked (same length), so a word in them is not code."""
+    """The SQL with strings, comments and placeholders blanked (same length), so a word in them is not code."""
     out = list(sql)
     for kind, start, end in _lex(sql):
         if kind in ("string", "comment"):
             out[start:end] = " " * (end - start)
-    return "".join(out)
+    return PLACEHOLDER.sub(lambda m: " " * len(m.group(0)), "".join(out))
 
 
 def _depth(code: str, pos: int) -> int:
@@ -49,9 +61,10 @@ def lint(template: str, path) -> list[str]:
     names, code, warnings = placeholders(template), code_only(template), []
     if "batch_range" not in names:
         if not any(n.startswith("batch_end_") for n in names):
-            raise BackfillError(f"{path}: the SQL does not use {{batch_range}}, so every batch would read every row; "
-                                f"add `WHERE {{batch_range}}` (the keys of exactly this batch)")
-        warnings.append(f"{path}: bounds the batch with {{batch_end_...}} instead of {{batch_range}}; "
+            refuse(f"{path}: the SQL does not use {{batch_range}}, so every batch would read every row; "
+                   f"add `WHERE {{batch_range}}` (the keys of exactly this batch)", warnings)
+        else:
+            warnings.append(f"{path}: bounds the batch with {{batch_end_...}} instead of {{batch_range}}; "
                         f"{{batch_range}} selects exactly the batch's keys (ties and NaN included)")
     for match in _LIMIT.finditer(code):
         word = match.group(1).upper()
@@ -60,14 +73,13 @@ def lint(template: str, path) -> list[str]:
         if _depth(code, match.start()) > 0:
             warnings.append(f"{path}: {word} inside a subquery: make sure it picks the same rows on a replay")
             continue
-        raise BackfillError(f"{path}: {word} in the backfill SQL: the framework sizes each batch by its key "
-                            f"range, and a {word} picks different rows on a replay; remove it and select with "
-                            f"{{batch_range}}")
+        refuse(f"{path}: {word} in the backfill SQL: the framework sizes each batch by its key range, and a "
+               f"{word} picks different rows on a replay; remove it and select with {{batch_range}}", warnings)
     for match in _CALL.finditer(code):
         name = match.group(1)
-        raise BackfillError(f"{path}: {name}() gives another value when a batch is replayed; fix it once at first "
-                            f"start with a param in the meta, e.g. \"params\": {{\"{name.lower()}_at_start\": "
-                            f"{{\"sql\": \"SELECT {name}()\"}}}}, and use {{{name.lower()}_at_start}}")
+        refuse(f"{path}: {name}() gives another value when a batch is replayed; fix it once at first start with "
+               f"a param in the meta, e.g. \"params\": {{\"{name.lower()}_at_start\": {{\"sql\": "
+               f"\"SELECT {name}()\"}}}}, and use {{{name.lower()}_at_start}}", warnings)
     return warnings
 
 
