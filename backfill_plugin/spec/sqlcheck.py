@@ -91,7 +91,7 @@ def explain(client, sql: str, params: dict | None, path, rename: dict | None = N
     plannable = re.match(r"\s*(INSERT|SELECT|WITH)\b", code_only(sql), re.IGNORECASE)
     kind = "AST" if syntax_only or not plannable else "PIPELINE"
     try:
-        client.query(f"EXPLAIN {kind} {sql}", parameters=params or None)
+        client.command(f"EXPLAIN {kind} {sql}", parameters=params or None)
     except Exception as exc:
         message = one_line(exc)
         for scratch, real in (rename or {}).items():

@@ -9,6 +9,7 @@ It is registered only in the subprocess's environment (a dist-info on its PYTHON
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -23,8 +24,13 @@ def _wanted() -> tuple[str, int]:
     return phase, int(number or 1)
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a crashed host
+def _die(in_flight=None) -> None:
+    """Note the range in flight for the harness (BACKFILL_KILL_REPORT), then die as a crashed host does."""
+    report = os.environ.get("BACKFILL_KILL_REPORT")
+    if report:
+        with open(report, "w") as out:
+            json.dump({"in_flight": in_flight}, out, default=str)
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup
 
 
 @hookimpl
@@ -44,7 +50,7 @@ def backfill_placeholders(backfill, checkpoint):
     if phase == "written_ahead" and _claimed and checkpoint.get("in_flight"):
         _renders += 1
         if _renders == number:
-            _die()
+            _die(checkpoint.get("in_flight"))
     return None
 
 
@@ -52,7 +58,7 @@ def backfill_placeholders(backfill, checkpoint):
 def backfill_batch_completed(backfill, batch):
     phase, number = _wanted()
     if phase == "committed" and batch["number"] - _first_number(batch) + 1 == number:
-        _die()
+        _die({"start": batch["range_start"], "end": batch["range_end"]})
 
 
 def _first_number(batch) -> int:

@@ -164,29 +164,35 @@ def exactly_once(migrations_dir: Path, workdir: Path, version: int, *, target: s
         scenarios.append(Scenario("random", "random", f"killed at {random_kills} random instants"))
     project.setup({db: _data_statements(data, db) for db in ["reference"] + [s.database for s in scenarios]})
 
-    started = time.monotonic()
-    ref = project.migrate("backfill", "run", version, database="reference")
-    reference_seconds = time.monotonic() - started
+    ref = project.start("backfill", "run", version, database="reference")
+    claimed = _wait_for_claim(project, ref, "reference", version)
+    out, err = ref.communicate(timeout=3600)
+    batches_seconds = time.monotonic() - claimed  # from the claim to the end: where random kills land
     if ref.returncode:
-        raise ExactlyOnceFailure(f"the uninterrupted reference run failed: {_last_line(ref.stderr)}")
+        raise ExactlyOnceFailure(f"the uninterrupted reference run failed: {_last_line(err)}")
+    comparison = Comparison(project, target, keys)
+    comparison.check_reference()
     rng = random.Random(seed)
+    report = work / "kill-report.json"
     for scenario in scenarios:
-        kill_env = {"PYTHONPATH": sites}
+        kill_env = {"PYTHONPATH": sites, "BACKFILL_KILL_REPORT": str(report)}
         if scenario.name in PHASES:
             kill_env["BACKFILL_KILL_AT"] = f"{scenario.name}:{at_batch}"
             proc = project.migrate("backfill", "run", version, database=scenario.database, **kill_env)
             if proc.returncode != -9:
                 raise ExactlyOnceFailure(f"{scenario.label}: the run was not killed (exit {proc.returncode}: "
                                          f"{_last_line(proc.stderr)}); the source needs more than {at_batch} batches")
-            scenario.kills.append(_in_flight(project, scenario.database, version))
+            scenario.kills.append(json.loads(report.read_text())["in_flight"] if report.exists() else None)
+            report.unlink(missing_ok=True)
         else:
             for _ in range(random_kills):
-                proc = project.start("backfill", "run", version, database=scenario.database, **kill_env)
+                proc = project.start("backfill", "run", version, database=scenario.database)
+                _wait_for_claim(project, proc, scenario.database, version)
                 try:
-                    proc.wait(timeout=rng.uniform(0.3, max(0.6, reference_seconds)))
+                    proc.communicate(timeout=rng.uniform(0.0, batches_seconds))
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    proc.kill()  # SIGKILL
+                    proc.communicate()
                     scenario.kills.append(_in_flight(project, scenario.database, version))
                     continue
                 break  # it completed before the kill instant: nothing left to interrupt
@@ -194,7 +200,23 @@ def exactly_once(migrations_dir: Path, workdir: Path, version: int, *, target: s
         if done.returncode:
             raise ExactlyOnceFailure(f"{scenario.label}: resuming failed: {_last_line(done.stderr)}; "
                                      f"{_ranges(scenario)}")
-    return _compare(project, target, keys, scenarios)
+        comparison.check(scenario)
+    return comparison.summary
+
+
+def _wait_for_claim(project: Project, proc: subprocess.Popen, database: str, version: int) -> float:
+    """Until the runner has claimed the backfill (its live status file says so); returns that instant."""
+    live = project.store.with_name(project.store.name + ".control") / f"status-{database}_{version}.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            info = json.loads(live.read_text())
+            if info.get("runner_pid") == proc.pid and info.get("status") == "running":
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    return time.monotonic()
 
 
 def _in_flight(project: Project, database: str, version: int):
@@ -211,42 +233,51 @@ def _ranges(scenario: Scenario) -> str:
     return "range in flight at the kill: " + ("; ".join(shown) or "none")
 
 
-def _compare(project: Project, target: str, keys: list[str], scenarios: list[Scenario]) -> dict:
-    cols = ", ".join(f"`{k}`" for k in keys)
-    row_hash = "cityHash64(tuple(*))"
+class Comparison:
+    """The target of each scenario against the reference's: every column (a hash of the whole row), and
+    how many keys repeat. The first difference stops the run, naming its phase, range and keys."""
 
-    def fp(db):
-        return f"SELECT count(), sum({row_hash}), groupBitXor({row_hash}), count() - uniqExact({cols}) FROM {db}.{target}"
+    def __init__(self, project: Project, target: str, keys: list[str]):
+        self.project, self.target = project, target
+        self.cols = ", ".join(f"`{k}`" for k in keys)
+        self.summary = {"target": target, "rows": None, "scenarios": {}}
+        self.reference = None
 
-    def dups(db):
-        return f"SELECT {cols}, count() FROM {db}.{target} GROUP BY {cols} HAVING count() > 1 ORDER BY {cols} LIMIT 3"
+    def _fp(self, db: str) -> str:
+        h = "cityHash64(tuple(*))"
+        return f"SELECT count(), sum({h}), groupBitXor({h}), count() - uniqExact({self.cols}) FROM {db}.{self.target}"
 
-    def diff(a, b):
-        return (f"SELECT {cols} FROM (SELECT {cols}, {row_hash} AS h_ FROM {a}.{target}) WHERE ({cols}, h_) NOT IN "
-                f"(SELECT {cols}, {row_hash} FROM {b}.{target}) ORDER BY {cols} LIMIT 3")
-    statements = [fp("reference"), dups("reference")]
-    for s in scenarios:
-        statements += [fp(s.database), dups(s.database), diff(s.database, "reference"), diff("reference", s.database)]
-    got = project.query(*statements)
-    ref_fp, ref_dups = got[0][0], got[1]
-    failures = []
-    if ref_fp[3]:
-        failures.append(f"uninterrupted reference run: {ref_fp[3]} duplicate key(s) in {target}, first: {ref_dups}")
-    summary = {"target": target, "rows": ref_fp[0], "scenarios": {}}
-    for i, s in enumerate(scenarios):
-        this_fp, this_dups, extra, missing = got[2 + 4 * i: 6 + 4 * i]
-        this_fp = this_fp[0]
-        summary["scenarios"][s.name] = {"kills": len(s.kills), "rows": this_fp[0], "duplicate_keys": this_fp[3]}
-        if this_fp == ref_fp:
-            continue
-        parts = [f"{this_fp[0]} rows vs {ref_fp[0]} in the reference"]
-        if this_fp[3] != ref_fp[3]:
-            parts.append(f"{this_fp[3]} duplicate key(s), first: {this_dups}")
+    def _dups(self, db: str) -> str:
+        return (f"SELECT {self.cols}, count() FROM {db}.{self.target} GROUP BY {self.cols} HAVING count() > 1 "
+                f"ORDER BY {self.cols} LIMIT 3")
+
+    def _diff(self, a: str, b: str) -> str:
+        return (f"SELECT {self.cols} FROM (SELECT {self.cols}, cityHash64(tuple(*)) AS h_ FROM {a}.{self.target}) "
+                f"WHERE ({self.cols}, h_) NOT IN (SELECT {self.cols}, cityHash64(tuple(*)) FROM {b}.{self.target}) "
+                f"ORDER BY {self.cols} LIMIT 3")
+
+    def check_reference(self) -> None:
+        fp, dups = self.project.query(self._fp("reference"), self._dups("reference"))
+        self.reference = fp[0]
+        self.summary["rows"] = self.reference[0]
+        if self.reference[3]:
+            raise ExactlyOnceFailure(f"uninterrupted run (the reference, no kill): {self.reference[3]} duplicate "
+                                     f"key(s) in {self.target}, first (keys, count): {dups}")
+
+    def check(self, s: Scenario) -> None:
+        fp, dups, extra, missing = self.project.query(self._fp(s.database), self._dups(s.database),
+                                                      self._diff(s.database, "reference"),
+                                                      self._diff("reference", s.database))
+        fp = fp[0]
+        self.summary["scenarios"][s.name] = {"kills": len(s.kills), "rows": fp[0], "duplicate_keys": fp[3]}
+        if fp == self.reference:
+            return
+        parts = [f"{fp[0]} rows vs {self.reference[0]} in the reference"]
+        if fp[3] != self.reference[3]:
+            parts.append(f"{fp[3]} duplicate key(s), first (keys, count): {dups}")
         if extra:
             parts.append(f"rows not in the reference at keys {extra}")
         if missing:
             parts.append(f"reference rows missing at keys {missing}")
-        failures.append(f"{s.label}: {target} differs from the reference: {'; '.join(parts)}; {_ranges(s)}")
-    if failures:
-        raise ExactlyOnceFailure(" | ".join(failures))
-    return summary
+        raise ExactlyOnceFailure(f"{s.label}: {self.target} differs from the reference: {'; '.join(parts)}; "
+                                 f"{_ranges(s)}")
