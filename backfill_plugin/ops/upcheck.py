@@ -52,7 +52,11 @@ class Scratch:
 
     def __enter__(self):
         self.client.command(f"CREATE DATABASE {self.name}")
-        self._copy_existing()
+        try:
+            self._copy_existing()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):
