@@ -13,7 +13,7 @@ from backfill_plugin.errors import PERMANENT_CODES, BackfillError
 from migrator import hookimpl
 from migrator.errors import MigrateError
 from migrator.plugins import pm
-from tests.conftest import store_query
+from tests.conftest import report, store_query
 
 UP = """
 CREATE TABLE {db}.src (a String, b UInt32, v String) ENGINE = MergeTree ORDER BY (a, b);
@@ -38,11 +38,12 @@ def one_line(proc) -> str:
     ("INSERT INTO {db}.dst SELECT a, b, v, v FROM {db}.src WHERE {batch_range}",
      "NUMBER_OF_COLUMNS_DOESNT_MATCH"),
 ], ids=["syntax", "one-column-too-many"])
-def test_up_refuses_bad_backfill_sql_before_applying_anything(migrations, cli, sql, engine_says):
+def test_up_refuses_bad_backfill_sql_before_applying_anything(request, migrations, cli, sql, engine_says):
     root = migrations(1, "copy", UP, "SELECT 1", sql, META)
     started = time.monotonic()
     proc = cli("up", migrations_dir=root)
-    print(f"\nmigrate up refused in {time.monotonic() - started:.2f}s (process start included)")
+    report(request, f"\nmigrate up refused {request.node.callspec.id} SQL in {time.monotonic() - started:.2f}s "
+                    f"(process start included)")
     line = one_line(proc)
     assert line.startswith(f"error: {root / '001_copy.backfill.sql'}: ") and engine_says in line, line
     assert "applied" not in proc.stdout
@@ -51,6 +52,8 @@ def test_up_refuses_bad_backfill_sql_before_applying_anything(migrations, cli, s
     assert tables == [[0]] and databases == [[0]]  # nothing applied, the scratch database gone
     status = json.loads(cli("status", "--json", migrations_dir=root).stdout)
     assert status["current_version"] == 0
+    if engine_says == "Syntax error":  # `up --dry-run` writes nothing, and still reads the SQL's syntax
+        assert engine_says in one_line(cli("up", "--dry-run", migrations_dir=root))
 
 
 @pytest.mark.parametrize("sql, says", [
