@@ -162,3 +162,19 @@ def test_permanent_codes_are_the_engines_own(ch_client):
     names = dict(ch_client.query("SELECT number, errorCodeToName(toUInt32(number)) FROM numbers(1000) "
                                  "WHERE number IN {c:Array(UInt32)}", parameters={"c": list(PERMANENT_CODES)}).result_rows)
     assert names == PERMANENT_CODES
+
+
+def test_up_does_not_judge_what_the_empty_copy_cannot_show(ch_client, db, migrations, migrator_for):
+    """A function the up file creates (not copied to the scratch schema) and a param read from rows the
+    empty copy does not have: `up` checks the syntax only, and the run plans the SQL on the real tables."""
+    up = UP + "CREATE FUNCTION {db}_twice AS (x) -> x * 2;"
+    sql = ("INSERT INTO {db}.dst SELECT a, b, toString({db}_twice(b)) FROM {db}.src "
+           "WHERE {batch_range} AND b >= toUInt32('{low}')")
+    meta = {**META, "params": {"low": {"sql": "SELECT b FROM {db}.src ORDER BY b LIMIT 1"}}}
+    root = migrations(1, "copy", up, "SELECT 1", sql, meta)
+    try:
+        assert migrator_for(db, root).up() == [1]
+        assert ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1)["status"] == "completed"
+        assert ch_client.command(f"SELECT sum(toUInt64(v) = 2 * b) FROM {db}.dst") == 500
+    finally:
+        ch_client.command(f"DROP FUNCTION IF EXISTS {db}_twice")

@@ -38,6 +38,8 @@ SCHEMA = re.compile(r"(CREATE(\s+OR\s+REPLACE)?|ALTER|DROP|RENAME|EXCHANGE)\s+(T
 LOCAL_ENGINE = re.compile(r"\bENGINE\s*=\s*(?!(?:Replicated|Shared))(\w*MergeTree|Memory|Log|TinyLog|StripeLog|Null|"
                           r"Set|Join)\b", re.IGNORECASE)
 FILLS = re.compile(r"\bPOPULATE\b|\bAS\s*\(?\s*(SELECT|WITH)\b", re.IGNORECASE)
+# Statements that only move data: skipping them leaves the schema as the up file leaves it.
+DATA = re.compile(r"(INSERT|SELECT|WITH|OPTIMIZE|SYSTEM|TRUNCATE|KILL|SET)\b", re.IGNORECASE)
 
 
 class Scratch:
@@ -97,6 +99,9 @@ class Scratch:
             for stmt in split_statements(substitute_db(read_text(up_path), self.name)):
                 body = stmt[leading_comments(stmt):]
                 if not SCHEMA.match(body):
+                    if not DATA.match(body):  # a function, dictionary, grant...: the SQL may need it
+                        log.debug("scratch replay cannot run %r", body[:80])
+                        self.complete = False
                     continue
                 creates = re.match(r"CREATE(\s+OR\s+REPLACE)?\s+TABLE\b", body, re.IGNORECASE)
                 others = _databases_named(body, self.name) - {self.name}
@@ -126,7 +131,7 @@ def stand_in_render(template: str, database: str) -> str:
 
 def check_pending(context, migrations) -> None:
     """Lint every pending backfill, then plan its first range on the schema its version leaves."""
-    pending = [m for m in sorted(migrations, key=lambda m: m.version)]
+    pending = sorted(migrations, key=lambda m: m.version)
     checks = {}
     for mig in pending:
         if mig.has_backfill:
@@ -160,8 +165,15 @@ def _plan(context, scratch: Scratch, spec, template: str) -> None:
                         *probe_walk(context.client))
         row = Row(backfill_id(scratch.name, spec.version), spec.version, scratch.name, "pending", new_checkpoint(spec))
         row.checkpoint["params"] = params_.resolve(context.client, spec, scratch.name, None, None)
+        if None in row.checkpoint["params"].values():  # a param read from data the empty copy lacks
+            log.debug("backfill %s: a param has no value on the empty schema; the preflight plans the SQL", spec.version)
+            return
         run = Run(context.client, spec, keys, template, row)
-        sql, params = run.render(run.check_batch(), 0)
+        try:
+            sql, params = run.render(run.check_batch(), 0)
+        except BackfillError as exc:  # e.g. a placeholder a plugin provides only at run time (from its env)
+            log.debug("backfill %s: not rendered at up (%s); the preflight renders and plans it", spec.version, exc)
+            return
         sqlcheck.explain(context.client, sql, params, spec.sql_path, rename)
         target = None if run.skips_existing else dedup.target_table(sql, scratch.name)
         if target and target[0] == scratch.name and target[1] in scratch.faithful:
