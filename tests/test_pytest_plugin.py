@@ -113,3 +113,19 @@ def test_exactly_once_from_the_wheel_passes_good_sql_and_names_the_phase_of_bad_
             assert procs[name].returncode == 1, out
             assert "ExactlyOnceFailure" in out and phase in out, out
             assert "1 failed" in out, out
+
+
+def test_exactly_once_with_data_from_a_callback(backfill_migrations, exactly_once):
+    """The `data` option: the up file creates empty tables, a callback gives each database its rows."""
+    up = "\n".join(line for line in UP.splitlines() if not line.startswith("INSERT"))
+    backfill_migrations.write(1, "copy", up, backfill_sql=ANTI_JOIN, meta=META)
+    seen = []
+
+    def rows(database):
+        seen.append(database)
+        return [f"INSERT INTO {database}.src SELECT toString(number % 3), number, 'x' FROM numbers(700)"]
+    summary = exactly_once(1, data=rows, random_kills=0)
+    assert summary["rows"] == 700 and set(summary["scenarios"]) == {"claimed", "written_ahead", "committed"}
+    assert all(s["rows"] == 700 and s["duplicate_keys"] == 0 and s["kills"] == 1
+               for s in summary["scenarios"].values()), summary
+    assert sorted(seen) == sorted(["reference", "claimed", "written_ahead", "committed"])
