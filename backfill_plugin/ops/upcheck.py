@@ -124,7 +124,7 @@ class Scratch:
 def stand_in_render(template: str, database: str) -> str:
     """The SQL with every placeholder replaced by a stand-in the parser accepts (for EXPLAIN AST)."""
     values = {m.group(1): 0 for m in PLACEHOLDER.finditer(template)}
-    values.update(db=database, batch_range=Raw("1"))
+    values.update(db=database, batch_range=Raw("batch_range"))  # an engine message then shows its name
     sql, _ = render(template, values)
     return PLACEHOLDER.sub(lambda m: f"CAST(NULL, 'Nullable({m.group(2)})')" if m.group(2) else m.group(0), sql)
 
