@@ -55,6 +55,15 @@ MUTATIONS = [
     ("health never checked", "backfill_plugin/pacing/pacer.py",
      "if self.health is None or", "if True or",
      [T + "test_pacing_loop.py", "-k", "too_many_parts"]),
+    ("backfill SQL not planned by the engine", "backfill_plugin/spec/sqlcheck.py",
+     '        client.command(f"EXPLAIN {kind} {sql}", parameters=params or None)\n', "        pass\n",
+     [T + "test_sql_checks.py", "-k", "before_applying_anything or plan"]),
+    ("errors in the SQL retried like any other", "backfill_plugin/errors.py",
+     "    return error_code(exc) in PERMANENT_CODES", "    return False",
+     [T + "test_sql_checks.py", "-k", "not_retried"]),
+    ("exactly_once blind to duplicates", "backfill_plugin/testing/harness.py",
+     "        if fp == self.reference:", "        if True:",
+     [T + "test_pytest_plugin.py", "-k", "wheel"]),
 ]
 
 
