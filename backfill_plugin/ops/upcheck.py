@@ -20,7 +20,7 @@ import uuid
 from migrator.discovery import read_text
 from migrator.sqltext import _databases_named, leading_comments, split_statements, substitute_db
 
-from ..errors import BackfillError
+from ..errors import BackfillError, one_line
 from ..protocol import dedup
 from ..protocol.checkpoint import Row, backfill_id, new_checkpoint
 from ..protocol.keys import KeySpace, probe_walk
@@ -146,7 +146,8 @@ def check_pending(context, migrations) -> None:
     try:
         scratch = Scratch(context.client, context.database).__enter__()
     except Exception as exc:  # noqa: BLE001 - no scratch database (rights): the preflight plans it later
-        log.debug("no scratch database for the backfill SQL check: %s", exc)
+        log.warning("warning: no scratch database to plan the backfill SQL at up (%s); its first batch plans it",
+                    one_line(exc))
         return
     try:
         for mig in pending:

@@ -78,8 +78,8 @@ def exactly_once(tmp_path, backfill_migrations):
     at random instants, resumed each time; each target compared with the reference, every column, and
     duplicate keys counted. Raises ExactlyOnceFailure naming the phase, the range and the first
     differing keys; returns a summary. Options: target=, keys=, data= (SQL or a callable taking the
-    database name), at_batch=2, random_kills=3, seed=0, checks="refuse" ("warn" runs SQL the checks
-    would refuse)."""
+    database name), at_batch=2, random_kills=3, seed=0, env= (extra environment for each `migrate`),
+    checks="refuse" ("warn" runs SQL the checks would refuse)."""
     def run(version: int, **options) -> dict:
         return harness.exactly_once(backfill_migrations.root, tmp_path / f"exactly-once-{version}", version, **options)
     return run
