@@ -10,8 +10,7 @@ from migrator import hookimpl
 from . import hookspecs
 from .ops.cli import backfill
 from .ops.control import manager_for
-from .spec.meta import load_spec
-from .spec.render import read_template
+from .ops.upcheck import check_pending
 
 NAME = "backfill"  # the entry point's name; library use registers the module under it too
 
@@ -35,10 +34,9 @@ def register_commands(cli):
 
 @hookimpl
 def check_migrations(context, migrations):
-    """A bad backfill meta or SQL file stops `up` before the schema is touched, not after."""
-    for migration in migrations:
-        if migration.has_backfill:
-            read_template(load_spec(migration).sql_path)
+    """A bad backfill meta or SQL file stops `up` before the schema is touched, not after: the meta is
+    validated, the SQL linted and planned by the engine on the schema its version leaves (ops/upcheck.py)."""
+    check_pending(context, migrations)
 
 
 @hookimpl

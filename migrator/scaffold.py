@@ -11,6 +11,10 @@ BACKFILL_SQL = """-- Backfill for version {version}: runs once per batch; the fr
 -- batch_range selects exactly this batch's keys of the source table. Exactly-once needs the
 -- target to deduplicate (SETTINGS non_replicated_deduplication_window = 1000, or Replicated*)
 -- and, on a retry or replay (retry_count > 0), to skip keys an earlier attempt already wrote.
+-- Rows written into the source while it runs: keys past the position are copied when the walk gets
+-- there; keys at or behind it are not. Live writes need their own path into the target (the new
+-- write path from a cutover instant, as migration 021 does, or a materialized view created by the
+-- up file): see "Backfill or inline migration?" in docs/backfill_developer_guide.md.
 INSERT INTO {{db}}.TARGET_TABLE
 SELECT *
 FROM {{db}}.SOURCE_TABLE

@@ -24,6 +24,7 @@ import clickhouse_connect
 import pytest
 
 from backfill_plugin.protocol.attempt import untagged
+from backfill_plugin.testing.pytest_plugin import Migrations
 from migrator import connection
 from migrator.runner import Context, Migrator
 
@@ -144,23 +145,14 @@ def db(ch_client):
 
 @pytest.fixture
 def migrations(tmp_path):
-    """A writer for a migrations directory: migrations(version, name, up, down, backfill_sql=, meta=)."""
-    root = tmp_path / "migrations"
-    root.mkdir()
+    """A writer for a migrations directory: migrations(version, name, up, down, backfill_sql=, meta=, validate=)
+    -> its root (the shipped pytest plugin's `Migrations.write`, called as a function)."""
+    folder = Migrations(tmp_path / "migrations")
 
     def write(version: int, name: str, up: str, down: str = "SELECT 1", backfill_sql=None, meta=None, validate=None):
-        stem = root / f"{version:03d}_{name}"
-        Path(f"{stem}.up.sql").write_text(up)
-        Path(f"{stem}.down.sql").write_text(down)
-        if backfill_sql is not None:
-            Path(f"{stem}.backfill.sql").write_text(backfill_sql)
-        if meta is not None:
-            Path(f"{stem}.backfill.meta").write_text(meta if isinstance(meta, str) else json.dumps(meta))
-        if validate is not None:
-            Path(f"{stem}.backfill.validate.sql").write_text(validate)
-        return root
+        return folder.write(version, name, up, down, backfill_sql, meta, validate)
 
-    write.root = root
+    write.root = folder.root
     return write
 
 

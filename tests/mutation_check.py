@@ -64,6 +64,15 @@ MUTATIONS = [
     ("health checked only every interval, even near a limit", "backfill_plugin/pacing/pacer.py",
      "return any(self.projected(signal) > limit / 2", "return False and any(self.projected(signal) > limit / 2",
      [T + "test_pacing_loop.py", "-k", "within_one_batch"]),
+    ("backfill SQL not planned by the engine", "backfill_plugin/spec/sqlcheck.py",
+     '        client.command(f"EXPLAIN {kind} {sql}", parameters=params or None)\n', "        pass\n",
+     [T + "test_sql_checks.py", "-k", "before_applying_anything or plan"]),
+    ("errors in the SQL retried like any other", "backfill_plugin/errors.py",
+     "    return error_code(exc) in PERMANENT_CODES", "    return False",
+     [T + "test_sql_checks.py", "-k", "not_retried"]),
+    ("exactly_once blind to duplicates", "backfill_plugin/testing/harness.py",
+     "        if fp == self.reference:", "        if True:",
+     [T + "test_pytest_plugin.py", "-k", "wheel"]),
 ]
 
 

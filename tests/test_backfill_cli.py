@@ -175,3 +175,17 @@ def test_signal_pauses_at_batch_boundary(tmp_path, migrations, sig, code):
     assert "resume with 'migrate backfill resume 1'" in err and "Traceback" not in err
     status = json.loads(run_migrate(["backfill", "status", "1", "--json"], store, migrations_dir=root).stdout)
     assert status["status"] == "paused" and status["checkpoint"]["in_flight"] is None
+
+
+@pytest.mark.parametrize("batch_size, last_batch", [(50000, "total 5,000 (100.0%)"), (500, "total 5,000 (99.9%)")],
+                         ids=["one-batch", "exact-multiple"])
+def test_progress_is_exact_once_the_run_knows_it_is_done(invoke, batch_size, last_batch):
+    """A batch with fewer rows than its size took every row left, so it shows 100%; a batch that ends
+    exactly at the last key cannot know it yet and stays an estimate below 100%; the completed run's
+    last line says 100% either way."""
+    assert invoke("up").exit_code == 0
+    run = invoke("backfill", "run", "1", "--batch-size", str(batch_size))
+    assert run.exit_code == 0, run.output
+    lines = run.output.strip().splitlines()
+    assert last_batch in lines[-2], lines
+    assert lines[-1].startswith("backfill 1: completed; 5,000 rows processed (100%), "), lines

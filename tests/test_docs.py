@@ -106,18 +106,6 @@ def test_the_guide_copy_a_table_example_runs_as_written(tmp_path):
         assert done.stdout.strip().splitlines()[-1].split(";")[0] == expected_last.split(";")[0], (command, done.stdout)
 
 
-def test_the_guide_pytest_example_passes(tmp_path):
-    """The guide's example test file, run by pytest with this suite's fixtures."""
-    section = _section(GUIDE.read_text(), "## Testing a backfill locally")
-    code = re.search(r"^```python\n(.*?)^```", section, re.S | re.M).group(1)
-    (tmp_path / "test_example.py").write_text(code)
-    (tmp_path / "conftest.py").write_text("pytest_plugins = ['tests.conftest']\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:]
-
-
 RUNBOOK = REPO / "docs" / "backfill_runbook.md"
 
 

@@ -207,7 +207,8 @@ def recorder():
 def test_inline_plugin_sees_apply_backfill_and_rollback(recorder, ch_client, db, migrations, migrator_for):
     root = migrations(1, "src", "CREATE TABLE {db}.src (x UInt32) ENGINE = MergeTree ORDER BY x;"
                                 "INSERT INTO {db}.src SELECT number FROM numbers(10)", "DROP TABLE {db}.src")
-    migrations(2, "copy", "CREATE TABLE {db}.dst (x UInt32) ENGINE = MergeTree ORDER BY x", "DROP TABLE {db}.dst",
+    migrations(2, "copy", "CREATE TABLE {db}.dst (x UInt32) ENGINE = MergeTree ORDER BY x "
+               "SETTINGS non_replicated_deduplication_window = 100", "DROP TABLE {db}.dst",
                backfill_sql="INSERT INTO {db}.dst SELECT x FROM {db}.src WHERE {batch_range}",
                meta={"migration_version": 2, "batch_size": 5, "checkpoint_columns": ["x"], "source_table": "src",
                      "min_batch_size": 1})

@@ -367,11 +367,20 @@ def test_nullable_checkpoint_column_is_refused(ch_client, db, migrations, migrat
           "FROM numbers(40);\n"
           "CREATE TABLE {db}.dst (a Nullable(String), b UInt32, v String) ENGINE = MergeTree ORDER BY b")
     root = migrations(1, "x", up, DOWN, COPY, META)
+    message = (f"{root / '001_x.backfill.meta'}: field 'checkpoint_columns': column 'a' is "
+               f"Nullable(String); a checkpoint column must not be Nullable")
+    with pytest.raises(BackfillError) as info:  # said at `up`, on the schema the up file would create
+        migrator_for(db, root).up()
+    assert str(info.value) == message
+    assert ch_client.command(f"SELECT count() FROM system.tables WHERE database = '{db}'") == 0
+    for suffix in (".backfill.sql", ".backfill.meta"):  # applied without its backfill, which comes later:
+        (root / f"001_x{suffix}").rename(root.parent / f"001_x{suffix}")  # the run refuses it too
     migrator_for(db, root).up()
+    for suffix in (".backfill.sql", ".backfill.meta"):
+        (root.parent / f"001_x{suffix}").rename(root / f"001_x{suffix}")
     with pytest.raises(BackfillError) as info:
         ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1)
-    assert str(info.value) == (f"{root / '001_x.backfill.meta'}: field 'checkpoint_columns': column 'a' is "
-                               f"Nullable(String); a checkpoint column must not be Nullable")
+    assert str(info.value) == message
     assert ch_client.command(f"SELECT count() FROM {db}.dst") == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -220,6 +221,11 @@ def test_every_migrate_and_backfill_command_over_http(http_endpoint, hclient, hd
 
 
 # -- (b) the abandoned attempt: a real client read timeout --------------------------------------------------
+def _batch_insert_pattern(db: str) -> str:
+    """A batch INSERT, not the preflight's EXPLAIN of the same statement: batches start with the marker."""
+    return rf"(?s)^/\* {re.escape(MARKER)} .*INSERT INTO {re.escape(db)}\.dst"
+
+
 def _batch_inserts(endpoint, db: str) -> list[dict]:
     return [e for e in endpoint.log() if e["query"].startswith(f"/* {MARKER} ") and f"INSERT INTO {db}.dst" in e["query"]]
 
@@ -237,7 +243,7 @@ def test_read_timeout_on_a_committed_batch_is_replayed_exactly(http_endpoint, hc
     monkeypatch.setattr(preflight, "TIMEOUT_MARGIN", 0.0)
     monkeypatch.setenv("MIGRATE_RECEIVE_TIMEOUT", "2")
     client = connection.connect(connection.resolve(http_endpoint.url))
-    http_endpoint.fault("late", f"INSERT INTO {hdb}.dst", nth=2, seconds=5)
+    http_endpoint.fault("late", _batch_insert_pattern(hdb), nth=2, seconds=5, regex=True)
     sleeps = []
     result = ClickHouseBackfillManager(client, migrations_dir=root, sleep=sleeps.append).run_backfill(hdb, 1)
     assert result["stopped"] == "completed" and result["rows_processed"] == rows
@@ -260,7 +266,9 @@ def test_runner_killed_while_its_insert_runs_on_the_server(http_endpoint, hclien
     client went away. The next runner takes over once the lease is stale, finds the orphan in
     system.processes by its marker, kills it (KILL QUERY ... SYNC over HTTP) and replays with
     {retry_count} = 1; the target ends exact."""
-    rows = 100  # one batch; its first attempt builds an IN set slowly (80 x 0.1 s), the replay's is empty
+    # One batch; its first attempt builds an IN set slowly (80 x 0.1 s), the replay's is empty. (The
+    # preflight's EXPLAIN of the same SQL must not build it: see sqlcheck.explain.)
+    rows = 100
     slow = (COPY_SQL + " AND b NOT IN (SELECT sleepEachRow(0.1) + 1000 FROM numbers(if({retry_count} = 0, 80, 0)) "
             "SETTINGS max_block_size = 1)")
     root = hsetup(rows, 100, sql=slow + ANTI_JOIN)
@@ -282,6 +290,8 @@ def test_runner_killed_while_its_insert_runs_on_the_server(http_endpoint, hclien
     assert "completed" in out
     sent = http_endpoint.log()
     kills = [e for e in sent if first_word(e["query"]) == "KILL"]
+    explains = [e for e in sent if e["query"].startswith("EXPLAIN PIPELINE")]
+    assert explains and all(e["finished"] - e["received"] < 4 for e in explains), "a preflight ran the slow subquery"
     assert kills and all(k["status"] == 200 for k in kills)
     orphan = _batch_inserts(http_endpoint, hdb)[0]
     assert orphan["error_code"] == 394  # QUERY_WAS_CANCELLED: the engine stopped it before the replay ran
@@ -302,7 +312,7 @@ def test_network_fault_ends_exact_or_stops_cleanly_and_resumes(http_endpoint, hc
     monkeypatch.setenv("BACKFILL_LEASE_SECONDS", "0.5")
     client = connection.connect(connection.resolve(http_endpoint.url))
     match, nth = (f"INSERT INTO {hdb}.dst", 2) if where == "batch" else ("INSERT INTO db_management.backfills", 3)
-    http_endpoint.fault(kind, match, nth=nth)
+    http_endpoint.fault(kind, _batch_insert_pattern(hdb) if where == "batch" else re.escape(match), nth=nth, regex=True)
     manager = ClickHouseBackfillManager(client, migrations_dir=root, sleep=lambda s: None)
     try:
         result = manager.run_backfill(hdb, 1)

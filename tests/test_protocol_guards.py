@@ -16,6 +16,7 @@ from backfill_plugin.errors import BackfillError
 from backfill_plugin.protocol.attempt import untagged
 from backfill_plugin.protocol.keys import KeySpace
 from backfill_plugin.spec.meta import load_spec
+from backfill_plugin.testing.harness import fault_site
 from migrator import tracking
 from migrator.discovery import discover
 from tests.conftest import MIGRATE, REPO
@@ -32,17 +33,6 @@ ANTI_JOIN = ("INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_ran
              "AND (a, b) NOT IN (SELECT a, b FROM {db}.dst WHERE {batch_range} AND {retry_count} > 0)")
 META = {"migration_version": 1, "batch_size": 1000, "checkpoint_columns": ["a", "b"], "source_table": "src"}
 
-KILLER = '''
-import os, signal
-from migrator import hookimpl
-
-
-@hookimpl
-def backfill_batch_completed(backfill, batch):
-    if batch["number"] == int(os.environ.get("KILL_AT_BATCH", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)  # after the INSERT committed, before its completion is saved
-'''
-
 READER = r"""
 import json, sys, clickhouse_connect
 c = clickhouse_connect.get_client(dsn=sys.argv[1])
@@ -56,11 +46,7 @@ def test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact(tmp_
     """kill -9 right after batch 2's INSERT commits (a real entry-point plugin SIGKILLs its own process).
     Only the in-flight range written ahead tells the next run that batch 2 may be in the target."""
     root = migrations(1, "copy", UP, "SELECT 1", ANTI_JOIN, META)
-    site = tmp_path / "site"
-    (site / "killer-0.1.dist-info").mkdir(parents=True)
-    (site / "mig_killer.py").write_text(KILLER)
-    (site / "killer-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: killer\nVersion: 0.1\n")
-    (site / "killer-0.1.dist-info" / "entry_points.txt").write_text("[migrator]\nkiller = mig_killer\n")
+    site = fault_site(tmp_path / "site")  # the fault plugin `exactly_once` uses, shipped in backfill_plugin.testing
     store = tmp_path / "store"
     env = {**os.environ, "CLICKHOUSE_URL": f"chdb://{store}", "MIGRATE_DATABASE": "d", "MIGRATE_DIR": str(root),
            "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "MIGRATOR_DISABLE_PLUGINS": ""}
@@ -70,7 +56,7 @@ def test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact(tmp_
                               timeout=300, cwd=str(REPO))
 
     assert migrate("up").returncode == 0
-    killed = migrate("backfill", "run", "1", KILL_AT_BATCH="2")
+    killed = migrate("backfill", "run", "1", BACKFILL_KILL_AT="committed:2")
     assert killed.returncode == -9, killed.stderr
     status = json.loads(migrate("backfill", "status", "1", "--json").stdout)
     assert status["status"] == "running" and status["checkpoint"]["in_flight"] is not None
@@ -193,8 +179,10 @@ def test_preflight_refuses_what_would_break_exactly_once_on_a_server(ch_client, 
     from migrator.errors import MigrateError
 
     token_only = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range}"
-    root = migrations(1, "copy", UP, "SELECT 1", token_only, META)
-    migrator_for(db, root).up()
+    up = UP.rstrip().rstrip(";") + " SETTINGS non_replicated_deduplication_window = 1;"  # dst is UP's last table
+    root = migrations(1, "copy", up, "SELECT 1", token_only, META)
+    migrator_for(db, root).up()  # `up` refuses a target without a window (tests/test_sql_checks.py); it lost it since
+    ch_client.command(f"ALTER TABLE {db}.dst MODIFY SETTING non_replicated_deduplication_window = 0")
     mgr = ClickHouseBackfillManager(ch_client, migrations_dir=root)
     with pytest.raises(BackfillError, match=rf"target {db}.dst has non_replicated_deduplication_window = 0.*"
                                             rf"MODIFY SETTING non_replicated_deduplication_window"):

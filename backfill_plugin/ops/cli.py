@@ -15,6 +15,7 @@ from migrator.cli import App, pass_app
 
 from ..errors import BackfillError
 from ..protocol import repair
+from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
 from ..spec.meta import PACING, parse_override
 from .control import ControlChannel, manager_for
@@ -108,6 +109,7 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
 
     def on_batch(summary, event):
         nonlocal task
+        summary = status_.after_batch(summary, event)
         if tty:
             total = summary["rows_processed"] + (summary["rows_remaining"] or 0)
             if task is None:
@@ -135,7 +137,8 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
                    f"the backfill is {result['status']} again")
         return
     why = f" ({stopped})" if stopped and stopped != result["status"] else ""
-    click.echo(f"backfill {version}: {result['status']}{why}; {result['rows_processed']:,} rows processed, "
+    done = " (100%)" if result["status"] == "completed" else ""  # known done: exact, not an estimate
+    click.echo(f"backfill {version}: {result['status']}{why}; {result['rows_processed']:,} rows processed{done}, "
                f"{result['batches_completed']} batches, batch size {result['current_batch_size']}, {elapsed:.1f}s")
     if stopped == "stop requested":
         click.echo(f"paused at a batch boundary; resume with 'migrate backfill resume {version}'", err=True)

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 
-from ..errors import BackfillError, error_code, one_line
+from ..errors import BackfillError, error_code, is_permanent, one_line
 from .batch import Batch
 from .dedup import batch_settings
 
@@ -132,6 +132,9 @@ class BatchExecution:
                 if error_code(exc) == OOM:
                     self._halve(batch, exc)
                     continue
+                if is_permanent(exc):  # an error in the SQL: every retry would fail the same way
+                    raise BackfillError(f"{run.spec.sql_path}: batch after {batch.start or 'the start'} failed: "
+                                        f"{one_line(exc)}") from exc
                 if tries >= meta["max_retries"]:
                     raise BackfillError(f"batch after {batch.start or 'the start'} failed {tries + 1} times: "
                                         f"{one_line(exc)}") from exc

@@ -87,6 +87,12 @@ class KeySpace:
         """What `{checkpoint_<col>}` shows before the first batch."""
         return 0 if _is_numeric(self.types[col]) else ""
 
+    def stand_in(self, client) -> list:
+        """A key of the columns' own default values (0, '', 1970-01-01 ...) that converts to each type."""
+        exprs = ", ".join(f"toString(defaultValueOfTypeName({literal(self.types[c])}))" for c in self.columns)
+        texts = client.query(f"SELECT {exprs}").result_rows[0]
+        return [0 if _is_numeric(self.types[c]) else t for c, t in zip(self.columns, texts)]
+
     def after(self, position: list | None, end: list | None = None, finite_first: bool = False) -> str:
         """Predicate: key strictly greater than `position` (TRUE when there is none).
 

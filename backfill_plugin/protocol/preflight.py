@@ -3,7 +3,9 @@
 - a multi-shard cluster holds a different part of the source on each shard: refused, never walked on one;
 - the HTTP receive timeout must outlast the batch's own timeout, or the client gives up on a batch
   that the server keeps running;
-- SQL that relies on the dedup token alone needs a target whose dedup window covers a replay.
+- SQL that relies on the dedup token alone needs a target whose dedup window covers a replay;
+- the SQL of the first range is linted and planned by the engine (spec/sqlcheck.py): a typo or a
+  column count that does not match stops here in one line, not after max_retries with backoff.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 from migrator import tracking
 
 from ..errors import BackfillError
+from ..spec import sqlcheck
 from . import dedup
 from .lease import lease_seconds
 
@@ -27,7 +30,9 @@ def check(run, cluster: str | None) -> None:
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
-    sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
+    sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path))
+    sql, params = run.render(run.check_batch(), 0)
+    sqlcheck.explain(run.client, sql, params, run.spec.sql_path)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:
         return
@@ -36,7 +41,10 @@ def check(run, cluster: str | None) -> None:
                     run.spec.sql_path)
         return
     run.window = dedup.window(run.client, *run.target)
-    dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
+    try:
+        dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
+    except BackfillError as exc:  # BACKFILL_CHECKS=warn: run it anyway, to see what it does (exactly_once)
+        sqlcheck.refuse(f"{run.spec.sql_path}: {exc}")
 
 
 def has_table_function(client, name: str) -> bool:

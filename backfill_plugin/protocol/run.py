@@ -8,6 +8,7 @@ from functools import cached_property
 from migrator.plugins import pm
 
 from ..spec import params as params_
+from ..spec import sqlcheck
 from ..spec.meta import BackfillSpec
 from ..spec.render import Raw, placeholders, render
 from . import dedup
@@ -91,6 +92,18 @@ class Run:
         """A stand-in range (the keys' defaults) to render the SQL before anything runs."""
         return Batch(None, [self.keys.default(c) for c in self.keys.columns], 1, 1)
 
+    def check_batch(self) -> Batch:
+        """The range the SQL is checked with before anything runs: the in-flight one, else the next one,
+        else (no key left, or an empty source at `up`) a stand-in of the key types' default values."""
+        if self.in_flight:
+            return self.in_flight
+        cp = self.checkpoint
+        size = int(cp.get("current_batch_size") or self.spec.meta["batch_size"])
+        found = self.keys.next_batch(self.client, cp.get("position"), size, until=self.until)
+        if found:
+            return Batch(cp.get("position"), found[0], found[1], size)
+        return Batch(None, self.keys.stand_in(self.client), 1, size)
+
     def render(self, batch: Batch, retry_count: int) -> tuple[str, dict]:
         """The SQL and server-side parameters of exactly this batch's range."""
         cp, keys = self.row.checkpoint, self.keys  # params and values are the backfill's, also in a repair
@@ -119,8 +132,10 @@ class Run:
         out = {**summarize(row, self.spec), "rows_remaining": remaining(self.client, keys, cp.get("position"), self.exact),
                "rows_remaining_estimated": not self.exact,
                "first_batch": batch.to_json() if batch else None, "sql": None, "sql_parameters": None}
+        sql, params = self.render(batch or self.check_batch(), 0)
+        sqlcheck.explain(self.client, sql, params, self.spec.sql_path)
         if batch:
-            out["sql"], out["sql_parameters"] = self.render(batch, 0)
+            out["sql"], out["sql_parameters"] = sql, params
         return out
 
     # -- what an earlier, failed attempt may have left ------------------------------------

@@ -48,6 +48,15 @@ def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool
     }
 
 
+def after_batch(summary: dict, event: dict) -> dict:
+    """A batch that took fewer rows than its size took every row left (its rows are counted, not
+    estimated): the run knows it is at the end, so progress shows 100%, not an estimate capped at 99.9%."""
+    if event["rows"] < event["batch_size"] and summary["progress_percent"] is not None:
+        return {**summary, "rows_remaining": 0, "rows_remaining_estimated": False, "progress_percent": 100.0,
+                "eta_seconds": 0.0}
+    return summary
+
+
 def _rate(recent: list) -> float | None:
     if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
         return None
