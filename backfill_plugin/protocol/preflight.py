@@ -3,7 +3,9 @@
 - a multi-shard cluster holds a different part of the source on each shard: refused, never walked on one;
 - the HTTP receive timeout must outlast the batch's own timeout, or the client gives up on a batch
   that the server keeps running;
-- SQL that relies on the dedup token alone needs a target whose dedup window covers a replay.
+- SQL that relies on the dedup token alone needs a target whose dedup window covers a replay;
+- a `publish` block names tables that EXCHANGE or REPLACE PARTITION accepts, checked before the
+  first batch rather than after hours of copying.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 from migrator import tracking
 
 from ..errors import BackfillError
-from . import dedup
+from . import dedup, tables
 from .lease import lease_seconds
 
 log = logging.getLogger("backfill")
@@ -25,6 +27,8 @@ def check(run, cluster: str | None) -> None:
     if cluster:
         check_single_shard(run.client, cluster)
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
+    if meta.get("publish") and not run.row.checkpoint.get("publish"):  # publishing moves the tables
+        tables.check_tables(run.client, run.row.db_name, meta["publish"], run.spec.meta_path)
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
     sql, _ = run.render(run.in_flight or run.preview_batch(), 0)
