@@ -19,7 +19,7 @@ from backfill_plugin.protocol.publish import Publisher
 from backfill_plugin.spec.meta import find_spec
 from migrator import hookimpl
 from migrator.plugins import pm
-from tests.conftest import Lines, own_client, report, run_migrate, start_migrate, store_query
+from tests.conftest import Lines, ProcessDied, own_client, report, run_migrate, start_migrate, store_query
 
 LIVE = "(k UInt32, t Date, v String)"
 UP = """
@@ -370,3 +370,65 @@ def test_kill_9_at_random_instants_during_partitions_publish_resumes_exactly(req
     assert st["published"] and len(st["done"]) == len(set(st["done"])) == 40
     report(request, f"\npublish killed {kills} times at random instants; resumed exactly")
     assert kills >= 3
+
+
+# -- a crash between a step and its record ---------------------------------------------------------
+class DiesAfter:
+    """A client proxy whose `at`-th command containing `marker` succeeds and then the process 'dies':
+    every later call fails, so nothing more reaches the store (kill -9 cannot be aimed this precisely)."""
+
+    def __init__(self, client, marker: str, at: int = 1):
+        self.client, self.marker, self.at, self.seen, self.dead, self.commands = client, marker, at, 0, False, []
+
+    def command(self, sql, *args, **kwargs):
+        if self.dead:
+            raise ConnectionError("process is gone")
+        out = self.client.command(sql, *args, **kwargs)
+        self.commands.append(sql)
+        if self.marker in sql:
+            self.seen += 1
+            if self.seen == self.at:
+                self.dead = True
+                raise ProcessDied()
+        return out
+
+    def query(self, *args, **kwargs):
+        if self.dead:
+            raise ConnectionError("process is gone")
+        return self.client.query(*args, **kwargs)
+
+
+def test_exchange_killed_after_the_swap_before_its_record_resumes_without_swapping_back(rebuild, ch_client, db):
+    mgr, publisher = rebuild(meta("exchange"))
+    run_and_validate(mgr, db)
+    old, new = fp(ch_client, f"{db}.live"), fp(ch_client, f"({NEW.format(db=db)})")
+    dying = publisher()
+    dying.client = DiesAfter(ch_client, "EXCHANGE TABLES")
+    with pytest.raises(ProcessDied):
+        dying.publish()
+    assert fp(ch_client, f"{db}.live") == new and ch_client.command(f"EXISTS TABLE {db}.staging")  # swapped, not renamed
+    resumed = publisher()
+    resumed.client = DiesAfter(ch_client, "never")
+    assert resumed.publish()["published"]
+    assert not any("EXCHANGE" in sql for sql in resumed.client.commands)  # the swap is not done twice
+    assert fp(ch_client, f"{db}.live") == new and fp(ch_client, f"{db}.live_kept_1") == old
+
+
+def test_partition_replaced_before_its_record_is_not_replaced_again(rebuild, ch_client, db):
+    mgr, publisher = rebuild(meta("partitions"), up=up_sql(order="k"))
+    run_and_validate(mgr, db)
+    dying = publisher()
+    dying.client = DiesAfter(ch_client, "FROM " + f"{db}.staging", at=3)
+    with pytest.raises(ProcessDied):
+        dying.publish(keep_replaced=True)
+    state = mgr.store.load(f"{db}_1").checkpoint["publish"]
+    assert state["done"] == ["202401", "202402"] and state["in_flight"]["partition"] == "202403"
+    resumed = publisher()
+    resumed.client = DiesAfter(ch_client, "never")
+    st = resumed.publish(keep_replaced=True)
+    replaced = [sql for sql in resumed.client.commands if "REPLACE PARTITION" in sql]
+    assert not any("'202403'" in sql for sql in replaced), replaced  # found already replaced: recorded only
+    assert len(replaced) == 2 * 3  # 202404..202406: the kept copy and the replacement each
+    assert st["done"] == [f"2024{m:02d}" for m in range(1, 7)]
+    assert fp(ch_client, f"{db}.live") == fp(ch_client, f"({NEW.format(db=db)})")
+    assert fp(ch_client, f"{db}.live_kept_1") == fp(ch_client, f"{db}.orig")
