@@ -106,8 +106,8 @@ REBUILD_DOWN = """-- {name}: drops the staging table. After 'migrate backfill pu
 -- data under {table}'s name: run 'migrate backfill unpublish {version}' before rolling this back.
 DROP TABLE IF EXISTS {{db}}.{staging}
 """
-REBUILD_BACKFILL = """-- Backfill for version {version}: copies {table} into {staging} batch by batch, walked by {table}'s
--- own sorting key ({keys}); the framework owns the key range.
+REBUILD_BACKFILL = """-- Backfill for version {version}: copies {table} into {staging} batch by batch, walked by the
+-- sorting key of {table} ({keys}); the framework owns the key range.
 INSERT INTO {{db}}.{staging} ({columns})
 SELECT {columns}
 FROM {{db}}.{table}

@@ -94,3 +94,24 @@ def test_rebuild_with_kill_9_during_run_and_publish(request, tmp_path, migration
 @pytest.mark.timeout(1800)
 def test_rebuild_of_1m_rows_with_kill_9_during_run_and_publish(request, tmp_path, migrations):
     rebuild_through_cli(request, tmp_path, migrations, 1_000_000, kills=4)
+
+
+@pytest.mark.parametrize("args, table, message", [
+    (["new", "r", "--rebuild", "events"], "CREATE TABLE {db}.events (k UInt64) ENGINE = MergeTree ORDER BY k",
+     "error: --rebuild needs --backfill: the rebuild is a backfill into a staging table"),
+    (["new", "r", "--backfill", "--rebuild", "nope"], "CREATE TABLE {db}.events (k UInt64) ENGINE = MergeTree ORDER BY k",
+     "error: --rebuild nope: table d.nope does not exist"),
+    (["new", "r", "--backfill", "--rebuild", "events"],
+     "CREATE TABLE {db}.events (k UInt64) ENGINE = MergeTree ORDER BY intHash32(k)",
+     "error: --rebuild events: its sorting key (intHash32(k)) does not start with a plain column to walk by; "
+     "scaffold with --backfill alone and write the copy by hand"),
+    (["new", "r", "--backfill", "--rebuild", "events"], "CREATE TABLE {db}.events (k UInt64) ENGINE = Memory",
+     "error: --rebuild events: it is Memory; only MergeTree tables are walked by key"),
+])
+def test_rebuild_scaffold_refusals_are_one_line_and_write_nothing(tmp_path, migrations, args, table, message):
+    root = migrations(1, "events", table, "DROP TABLE {db}.events")
+    store = tmp_path / "store"
+    ok(run_migrate(["up"], store, migrations_dir=root))
+    proc = run_migrate(args, store, migrations_dir=root)
+    assert proc.returncode == 1 and proc.stderr.strip() == message, proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["001_events.down.sql", "001_events.up.sql"]
