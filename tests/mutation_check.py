@@ -55,6 +55,16 @@ MUTATIONS = [
     ("health never checked", "backfill_plugin/pacing/pacer.py",
      "if self.health is None or", "if True or",
      [T + "test_pacing_loop.py", "-k", "too_many_parts"]),
+    ("publish without the validation requirement", "backfill_plugin/protocol/publish.py",
+     "    failed = [c.get(\"check\") for c in val.get(\"checks\") or [] if not c.get(\"ok\")]",
+     "    failed = []",
+     [T + "test_publish.py", "-k", "refused_before_completion"]),
+    ("a partition found replaced is replaced again", "backfill_plugin/protocol/publish.py",
+     "flight[\"partition\"] == pid and self._already_replaced(pid)", "flight[\"partition\"] == pid and False",
+     [T + "test_publish.py", "-k", "replaced_before_its_record"]),
+    ("exchange without the recorded UUIDs (swapped whatever live is)", "backfill_plugin/protocol/publish.py",
+     "        if now == before:", "        if True:",
+     [T + "test_publish.py", "-k", "killed_after_the_swap"]),
 ]
 
 
