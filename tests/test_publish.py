@@ -9,6 +9,7 @@ import json
 import random
 import signal
 import threading
+import time
 
 import pytest
 
@@ -215,7 +216,7 @@ def test_exchange_readers_see_the_whole_old_or_the_whole_new_table_and_unpublish
     try:
         for _ in range(3):  # publish, unpublish, publish: each swap under the readers
             while len(seen) < 5:
-                pass
+                time.sleep(0.01)
             st = publisher().publish()
             assert st["published"] and fp(ch_client, f"{db}.live") == new
             assert fp(ch_client, f"{db}.live_kept_1") == old
@@ -224,7 +225,7 @@ def test_exchange_readers_see_the_whole_old_or_the_whole_new_table_and_unpublish
             assert status["published"] and status["published_at"] and status["publish_mode"] == "exchange"
             count = len(seen)
             while len(seen) < count + 5:
-                pass
+                time.sleep(0.01)
             publisher().unpublish()
             assert fp(ch_client, f"{db}.live") == old and fp(ch_client, f"{db}.staging") == new
             assert not ch_client.command(f"EXISTS TABLE {db}.live_kept_1")
@@ -279,7 +280,7 @@ def test_partitions_mode_rebuilds_old_partitions_while_new_rows_keep_arriving_in
         st = publisher().publish(keep_replaced=True)
         count = len(writes)
         while len(writes) < count + 3:
-            pass
+            time.sleep(0.01)
     finally:
         stop.set()
         thread.join(30)

@@ -184,6 +184,9 @@ class Publisher:
     def _replace_partitions(self, keep_replaced: bool, on_step) -> list[str]:
         st = self.state
         if st.get("partitions") is None:  # the plan is fixed at first start: a resume walks the same list
+            if keep_replaced and self._uuid(self.kept):
+                raise BackfillError(f"the kept table {self.kept} already exists; drop it or name another "
+                                    f"'publish.kept_table' in {self.spec.meta_path}")
             st.update(partitions=[p for p, _, _ in self.staging_partitions()], done=[], replaced=[],
                       keep_replaced=keep_replaced, in_flight=None)
             self._save()
