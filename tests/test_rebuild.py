@@ -4,6 +4,7 @@ lands during `run` and during `publish`. 100k rows by default, 1M under `-m slow
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -30,27 +31,39 @@ def ok(proc):
     return proc
 
 
-def kill_while(store, root, args, after_prefix: str, kills: int, rng, delay=(0.0, 0.5)) -> int:
-    """Start `migrate args` and kill -9 it a random moment after its first `after_prefix` line, up to
-    `kills` times; then let one run finish. Returns how many kills landed."""
-    landed = 0
-    while True:
-        proc = start_migrate(args, store, migrations_dir=root)
-        lines, ended = Lines(proc), False
-        try:
-            lines.wait_for(after_prefix, 1, timeout=240) if after_prefix else None
-        except AssertionError:
-            ended = True
-        if not ended and landed < kills:
-            threading.Event().wait(rng.uniform(*delay))
-            proc.kill()
-            proc.wait()
-            if proc.returncode == -signal.SIGKILL:
-                landed += 1
-                continue
-        err = proc.stderr.read() if ended else lines.rest(timeout=600)[1]
-        assert proc.wait() == 0, err
-        return landed
+def kill_once(store, root, args, after_prefix: str, delay: tuple) -> bool:
+    """Start `migrate args`, kill -9 it a random moment after its first `after_prefix` line (or after its
+    start); True when the kill landed, False when the command had already ended (successfully)."""
+    proc = start_migrate(args, store, migrations_dir=root)
+    lines, ended = Lines(proc), False
+    try:
+        if after_prefix:
+            lines.wait_for(after_prefix, 1, timeout=240)
+    except AssertionError:
+        ended = True
+    if not ended:
+        threading.Event().wait(random.uniform(*delay))
+        proc.kill()
+    code = proc.wait(timeout=600)
+    if code == -signal.SIGKILL:
+        return True
+    err = proc.stderr.read() if ended else lines.rest()[1]
+    assert code == 0, err
+    return False
+
+
+def publish_phase(store) -> str:
+    """Where a killed exchange publish stopped, from its state row and the tables' UUIDs."""
+    state, tables = store_query(store, "SELECT checkpoint_data FROM db_management.backfills ORDER BY version DESC LIMIT 1",
+                                "SELECT name, toString(uuid) FROM system.tables WHERE database = 'd'")
+    st, uuids = json.loads(state[0][0]).get("publish") or {}, dict(tables)
+    if st.get("published"):
+        return "published"
+    if not st.get("swap"):
+        return "before the swap was recorded"
+    if uuids["events"] == st["swap"]["live_uuid"]:
+        return "swap recorded, not swapped"
+    return "swapped, not renamed" if "events_rebuild_2" in uuids else "renamed, not recorded"
 
 
 def rebuild_through_cli(request, tmp_path, migrations, rows: int, kills: int):
@@ -64,22 +77,27 @@ def rebuild_through_cli(request, tmp_path, migrations, rows: int, kills: int):
     assert "CREATE TABLE {db}.events_rebuild_2" in text and "ORDER BY k" in text
     up.write_text(re.sub(r"\nORDER BY k\b", "\nORDER BY (g, k)", text))  # what the operator edits
     ok(run_migrate(["up"], store, migrations_dir=root))
-    rng = random.Random(2026)
+    random.seed(2026)
     run = ["backfill", "run", "2", "--batch-size", str(max(rows // 10, 1000))]
-    killed_run = kill_while(store, root, run, "batch ", kills, rng) if kills else ok(run_migrate(run, store, migrations_dir=root)) and 0
+    killed_run = sum(kill_once(store, root, run, "batch ", (0.0, 0.5)) for _ in range(kills))
+    ok(run_migrate(run + ["--max-batches", "1000"], store, migrations_dir=root))  # run or resume to the end
     ok(run_migrate(["backfill", "validate", "2"], store, migrations_dir=root))
-    publish = ["backfill", "publish", "2"]
-    killed_publish = kill_while(store, root, publish, "", kills, rng, delay=(0.8, 2.5)) if kills else 0
-    if not kills:
-        out = ok(run_migrate(publish, store, migrations_dir=root))
-        assert "published backfill 2: d.events is the rebuilt table; the old one is d.events_kept_2" in out.stdout
+    publish, phases = ["backfill", "publish", "2"], []
+    for prefix, delay in [("", (0.5, 2.5))] * kills + [("exchanged", (0.0, 0.02))] * bool(kills):
+        if kill_once(store, root, publish, prefix, delay):  # random instants, then right after the swap
+            phases.append(publish_phase(store))
+    out = ok(run_migrate(publish, store, migrations_dir=root))
+    assert "published backfill 2: d.events is the rebuilt table; the old one is d.events_kept_2" in out.stdout \
+        or "already published" in out.stdout
+    if kills:
+        assert "swapped, not renamed" in phases or "renamed, not recorded" in phases, phases
     live, old, kept, sorting = store_query(store, FP.format("events"), FP.format("orig"), FP.format("events_kept_2"),
                                            "SELECT sorting_key FROM system.tables WHERE database = 'd' AND name = 'events'")
     assert sorting == [["g, k"]]
     assert live == old and live[0][0] == rows, "the live table does not hold exactly the old rows"
     assert kept == old
-    report(request, f"\nrebuild of {rows:,} rows: kill -9 landed {killed_run} times during run, "
-                    f"{killed_publish} times during publish; exact")
+    report(request, f"\nrebuild of {rows:,} rows: kill -9 landed {killed_run} times during run and during "
+                    f"publish at: {', '.join(phases) or 'none'}; exact")
 
 
 def test_rebuild_changes_the_sorting_key_through_the_cli(request, tmp_path, migrations):
