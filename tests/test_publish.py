@@ -338,13 +338,25 @@ def test_cli_publish_refusals_dry_run_warning_and_status(tmp_path, migrations):
     assert proc.returncode == 1 and "without --keep-replaced" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def partition_phase(store) -> str:
+    """Where a killed partitions publish stopped: between partitions, or with one recorded in flight
+    (replaced already or not: live's partition compared with staging's)."""
+    state = store_query(store, "SELECT checkpoint_data FROM db_management.backfills ORDER BY version DESC LIMIT 1")
+    flight = (json.loads(state[0][0][0]).get("publish") or {}).get("in_flight")
+    if not flight:
+        return "between partitions"
+    where = f"WHERE _partition_id = '{flight['partition']}'"
+    live, staging = store_query(store, FP.format(table=f"d.live {where}"), FP.format(table=f"d.staging {where}"))
+    return "in flight, replaced, not recorded" if live == staging else "in flight, not replaced"
+
+
 def test_kill_9_at_random_instants_during_partitions_publish_resumes_exactly(request, tmp_path, migrations):
     """40 daily partitions; each publish is killed a random moment after its first partition line,
     until one run ends on its own. Live ends exactly as the rebuild says; each partition published once."""
     store, root = cli_setup(tmp_path, migrations, meta("partitions", batch_size=5000),
                             up_sql(part="t", order="k", rows=40000, keys=4000, days=40))
     assert run_migrate(["backfill", "validate", "1"], store, migrations_dir=root).returncode == 0
-    rng, kills = random.Random(26), 0
+    rng, kills, landed = random.Random(26), 0, []
     while True:
         proc = start_migrate(["backfill", "publish", "1", "--keep-replaced"], store, migrations_dir=root)
         lines, ended = Lines(proc), False
@@ -358,6 +370,7 @@ def test_kill_9_at_random_instants_during_partitions_publish_resumes_exactly(req
             proc.wait()
             if proc.returncode == -signal.SIGKILL:
                 kills += 1
+                landed.append(partition_phase(store))
                 continue
         err = proc.stderr.read() if ended else lines.rest()[1]
         assert proc.wait() == 0, err
@@ -369,8 +382,10 @@ def test_kill_9_at_random_instants_during_partitions_publish_resumes_exactly(req
     assert final[2] == final[3], "the kept table is not exactly the replaced rows"
     st = json.loads(final[4][0][0])["publish"]
     assert st["published"] and len(st["done"]) == len(set(st["done"])) == 40
-    report(request, f"\npublish killed {kills} times at random instants; resumed exactly")
+    report(request, f"\npublish killed {kills} times at random instants, landing: "
+                    f"{ {p: landed.count(p) for p in sorted(set(landed))} }; resumed exactly")
     assert kills >= 3
+    assert any(p.startswith("in flight") for p in landed), landed
 
 
 # -- a crash between a step and its record ---------------------------------------------------------

@@ -36,6 +36,9 @@ def publish(app: App, version, dry_run, keep_replaced, yes):
         click.echo(f"backfill {version}: publish in {conf['mode']} mode would run:")
         for line in pub.plan(keep_replaced):
             click.echo(f"  {line}")
+        if conf["mode"] == "partitions" and not (keep_replaced or st.get("keep_replaced")):
+            click.echo(f"the rows these partitions of {pub.live} hold now are gone afterwards and unpublish cannot "
+                       f"bring them back; --keep-replaced saves them into {pub.kept} first")
         return
     if pub.published:
         click.echo(f"backfill {version} was already published at {st.get('published_at')}")

@@ -7,7 +7,10 @@ so rows that keep arriving into live's other partitions stay. Each step is writt
 backfill's state row (`checkpoint["publish"]`), so a killed publish resumes without doing a step twice:
 - exchange: the tables' UUIDs, recorded before the swap, tell whether the swap already happened;
 - partitions: the partition in flight is recorded first; on resume it is replaced again only if live's
-  partition does not already hold exactly staging's rows.
+  partition does not already hold exactly staging's rows. Measured on the engine: a REPLACE PARTITION
+  killed midway can leave some of the new parts committed beside the old ones; running it again
+  replaces them all, so a replay fixes it. The copy into the kept table is recorded before live is
+  touched, so it is only ever taken from the old partition.
 """
 from __future__ import annotations
 
@@ -111,10 +114,10 @@ class Publisher:
                                 f"WHERE _partition_id = {{p:String}}", parameters={"p": pid}).result_rows[0]
         return tuple(int(v) for v in row)
 
-    def _already_replaced(self, pid: str) -> bool:
-        """Live's partition holds exactly staging's rows: the kill came after the REPLACE, before its record."""
+    def _same(self, table: str, other: str, pid: str) -> bool:
+        """Both hold exactly the same rows in the partition (a step done before a kill, not yet recorded)."""
         names = [f"`{c}`" for c in columns(self.client, self.db, self.conf["live_table"])]
-        return self._fingerprint(self.live, pid, names) == self._fingerprint(self.staging, pid, names)
+        return self._fingerprint(table, pid, names) == self._fingerprint(other, pid, names)
 
     def plan(self, keep_replaced: bool = False) -> list[str]:
         """What publish would do, one line a step (`--dry-run`)."""
@@ -200,12 +203,17 @@ class Publisher:
             if pid in st["done"]:
                 continue
             flight = st.get("in_flight")
-            if not (flight and flight["partition"] == pid and self._already_replaced(pid)):
-                if not (flight and flight["partition"] == pid):  # what live held is recorded before it is gone
+            replay = bool(flight and flight["partition"] == pid)
+            if not (replay and self._same(self.live, self.staging, pid)):
+                if not replay:  # what live held is recorded before it is gone
                     st["in_flight"] = flight = {"partition": pid, "live_had_it": self._live_has(pid)}
                     self._save()
-                if st["keep_replaced"] and flight["live_had_it"]:
+                # The copy is recorded before live is touched: a REPLACE killed midway leaves some new parts
+                # committed beside the old ones (measured), so live is copied only while it is still the old one.
+                if st["keep_replaced"] and flight["live_had_it"] and not flight.get("kept"):
                     self.client.command(f"ALTER TABLE {self.kept} REPLACE PARTITION ID {_quote(pid)} FROM {self.live}")
+                    flight["kept"] = True
+                    self._save()
                 self.client.command(f"ALTER TABLE {self.live} REPLACE PARTITION ID {_quote(pid)} FROM {self.staging}")
             if flight["live_had_it"]:
                 st["replaced"].append(pid)
