@@ -65,6 +65,9 @@ MUTATIONS = [
     ("exchange without the recorded UUIDs (swapped whatever live is)", "backfill_plugin/protocol/publish.py",
      "        if now == before:", "        if True:",
      [T + "test_publish.py", "-k", "killed_after_the_swap"]),
+    ("kept copy taken again on a replay", "backfill_plugin/protocol/publish.py",
+     'flight["live_had_it"] and not flight.get("kept"):', 'flight["live_had_it"]:',
+     [T + "test_publish.py", "-k", "half_replaced"]),
 ]
 
 
