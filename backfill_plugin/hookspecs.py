@@ -23,3 +23,12 @@ def backfill_batch_completed(backfill, batch):
 @hookspec
 def backfill_status_changed(backfill, status, error):
     """Called when a backfill moves to running, paused, completed or failed (error set on failed)."""
+
+
+@hookspec
+def backfill_published(backfill, mode, partitions):
+    """Called once a rebuilt table is published (`migrate backfill publish`), e.g. to tell readers.
+
+    `mode` is "exchange" or "partitions"; `partitions` lists the partition ids replaced in
+    partitions mode (None in exchange mode).
+    """

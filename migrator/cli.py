@@ -132,11 +132,20 @@ def adopt(app: App):
 @cli.command()
 @click.argument("name")
 @click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql, .backfill.meta and .backfill.validate.sql")
+@click.option("--rebuild", "table", metavar="TABLE", default=None,
+              help="with --backfill: rebuild TABLE online (staging table from its definition, copy, validate, publish)")
 @pass_app
-def new(app: App, name, backfill):
+def new(app: App, name, backfill, table):
     """Scaffold NNN_NAME files with the next version."""
-    from .scaffold import scaffold
-    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill):
+    from .scaffold import scaffold, table_definition
+    rebuild = None
+    if table is not None:
+        if not backfill:
+            raise MigrateError("--rebuild needs --backfill: the rebuild is a backfill into a staging table")
+        # The definition comes through the migrator's own client: no import of the backfill plugin.
+        definition = table_definition(app.client, check_identifier(app.database), check_identifier(table, "table"))
+        rebuild = {"table": table, "definition": definition}
+    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill, rebuild):
         click.echo(f"created {path}")
 
 

@@ -70,8 +70,10 @@ ARRAY JOIN [
 """
 
 
-def scaffold(directory: Path, version: int, name: str, backfill: bool) -> list[Path]:
-    """Write empty up/down files (and a backfill's SQL, meta and validation); refuse to overwrite anything."""
+def scaffold(directory: Path, version: int, name: str, backfill: bool, rebuild: dict | None = None) -> list[Path]:
+    """Write empty up/down files (and a backfill's SQL, meta and validation); refuse to overwrite anything.
+
+    `rebuild` ({"table", "definition"}) writes the staged rebuild of an existing table instead."""
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", name):
         raise MigrateError(f"name {name!r}: use letters, digits, _ and -")
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,6 +88,8 @@ def scaffold(directory: Path, version: int, name: str, backfill: bool) -> list[P
             "migration_version": version, "description": name.replace("_", " "), "batch_size": 100000,
             "checkpoint_columns": ["id"], "source_table": "SOURCE_TABLE"}, indent=2) + "\n"
         files[".backfill.validate.sql"] = VALIDATE_SQL.format(version=version)
+    if rebuild is not None:
+        files = rebuild_files(version, name, rebuild["table"], rebuild["definition"])
     created = []
     for ext, text in files.items():
         path = Path(f"{stem}{ext}")
@@ -94,3 +98,96 @@ def scaffold(directory: Path, version: int, name: str, backfill: bool) -> list[P
         path.write_text(text)
         created.append(path)
     return created
+
+
+REBUILD_UP = """-- {name}: the staging table of an online rebuild of {{db}}.{table}, from its own definition
+-- (SHOW CREATE TABLE when this file was made). Edit what the rebuild is for: ORDER BY, PARTITION BY
+-- or ENGINE. Keep the columns: publish swaps this table in for {table} (EXCHANGE TABLES) and refuses
+-- different ones. non_replicated_deduplication_window lets a replayed batch deduplicate (exactly once).
+{create};
+"""
+REBUILD_DOWN = """-- {name}: drops the staging table. After 'migrate backfill publish {version}' it holds the rebuilt
+-- data under {table}'s name: run 'migrate backfill unpublish {version}' before rolling this back.
+DROP TABLE IF EXISTS {{db}}.{staging}
+"""
+REBUILD_BACKFILL = """-- Backfill for version {version}: copies {table} into {staging} batch by batch, walked by the
+-- sorting key of {table} ({keys}); the framework owns the key range.
+INSERT INTO {{db}}.{staging} ({columns})
+SELECT {columns}
+FROM {{db}}.{table}
+WHERE {{batch_range}}
+"""
+REBUILD_VALIDATE = """-- Validation for backfill {version}: every column of every row of {table} must be in {staging}.
+-- Rendered once per key range ({{batch_range}} over {keys}); one row per check: check, expected,
+-- actual, ok. 'migrate backfill publish {version}' refuses until this has passed after completion.
+SELECT c.1 AS check, c.2 AS expected, c.3 AS actual, toUInt8(expected = actual) AS ok
+FROM
+(
+    SELECT
+        countIf(source_rows > 0) AS source_keys,
+        countIf(source_rows > 0 AND target_rows = 0) AS missing,
+        countIf(target_rows > source_rows) AS extra,
+        countIf(source_rows > 0 AND target_rows = source_rows AND source_hash = target_hash) AS equal
+    FROM
+    (
+        SELECT {keys}, sum(side = 0) AS source_rows, sum(side = 1) AS target_rows,
+            sumIf(h, side = 0) AS source_hash, sumIf(h, side = 1) AS target_hash
+        FROM
+        (
+            SELECT {keys}, 0 AS side, cityHash64({hashed}) AS h FROM {{db}}.{table} WHERE {{batch_range}}
+            UNION ALL
+            SELECT {keys}, 1 AS side, cityHash64({hashed}) AS h FROM {{db}}.{staging} WHERE {{batch_range}}
+        )
+        GROUP BY {keys}
+    )
+)
+ARRAY JOIN [
+    ('missing_keys_in_staging', toUInt64(0), missing),
+    ('extra_rows_in_staging', toUInt64(0), extra),
+    ('rows_equal_source', source_keys, equal)
+] AS c
+"""
+DEDUP = "non_replicated_deduplication_window = 1000"
+
+
+def table_definition(client, database: str, table: str) -> dict:
+    """What a rebuild scaffold needs of an existing table, read through the migrator's own client."""
+    rows = client.query("SELECT sorting_key, engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+                        parameters={"d": database, "t": table}).result_rows
+    if not rows:
+        raise MigrateError(f"--rebuild {table}: table {database}.{table} does not exist")
+    cols = client.query("SELECT name, type, default_kind FROM system.columns WHERE database = {d:String} "
+                        "AND table = {t:String} ORDER BY position", parameters={"d": database, "t": table}).result_rows
+    return {"create": client.query(f"SHOW CREATE TABLE {database}.{table}").result_rows[0][0], "sorting_key": rows[0][0],
+            "engine": rows[0][1], "columns": cols}
+
+
+def rebuild_files(version: int, name: str, table: str, definition: dict) -> dict[str, str]:
+    """The up/down/backfill files of a staged rebuild of `table`, published in exchange mode."""
+    if "MergeTree" not in definition["engine"]:
+        raise MigrateError(f"--rebuild {table}: it is {definition['engine']}; only MergeTree tables are walked by key")
+    staging = f"{table}_rebuild_{version}"
+    types = {c: t for c, t, _ in definition["columns"]}
+    keys = []
+    for part in definition["sorting_key"].split(","):  # the longest prefix of plain, non-Nullable columns
+        part = part.strip()
+        if part not in types or "Nullable(" in types[part]:
+            break
+        keys.append(part)
+    if not keys:
+        raise MigrateError(f"--rebuild {table}: its sorting key ({definition['sorting_key'] or 'none'}) does not start "
+                           f"with a plain column to walk by; scaffold with --backfill alone and write the copy by hand")
+    copied = [f"`{c}`" for c, _, kind in definition["columns"] if kind not in ("ALIAS", "MATERIALIZED", "EPHEMERAL")]
+    hashed = [f"`{c}`" for c, _, kind in definition["columns"] if kind not in ("ALIAS", "EPHEMERAL")]
+    create = re.sub(r"^CREATE TABLE \S+", f"CREATE TABLE {{db}}.{staging}", definition["create"].strip(), count=1)
+    if "Replicated" not in definition["engine"]:
+        create = (re.sub(r"\nSETTINGS ", f"\nSETTINGS {DEDUP}, ", create, count=1) if "\nSETTINGS " in create
+                  else f"{create}\nSETTINGS {DEDUP}")
+    fill = {"name": name, "version": version, "table": table, "staging": staging, "keys": ", ".join(keys),
+            "columns": ", ".join(copied), "hashed": ", ".join(hashed)}
+    meta = {"migration_version": version, "description": f"rebuild {table}", "batch_size": 100000,
+            "checkpoint_columns": keys, "source_table": table,
+            "publish": {"mode": "exchange", "staging_table": staging, "live_table": table}}
+    return {".up.sql": REBUILD_UP.format(create=create, **fill), ".down.sql": REBUILD_DOWN.format(**fill),
+            ".backfill.sql": REBUILD_BACKFILL.format(**fill), ".backfill.meta": json.dumps(meta, indent=2) + "\n",
+            ".backfill.validate.sql": REBUILD_VALIDATE.format(**fill)}

@@ -73,6 +73,19 @@ MUTATIONS = [
     ("exactly_once blind to duplicates", "backfill_plugin/testing/harness.py",
      "        if fp == self.reference:", "        if True:",
      [T + "test_pytest_plugin.py", "-k", "wheel"]),
+    ("publish without the validation requirement", "backfill_plugin/protocol/publish.py",
+     "    failed = [c.get(\"check\") for c in val.get(\"checks\") or [] if not c.get(\"ok\")]",
+     "    failed = []",
+     [T + "test_publish.py", "-k", "refused_before_completion"]),
+    ("a partition found replaced is replaced again", "backfill_plugin/protocol/publish.py",
+     "if not (replay and self._same(self.live, self.staging, pid)):", "if True:",
+     [T + "test_publish.py", "-k", "replaced_before_its_record"]),
+    ("exchange without the recorded UUIDs (swapped whatever live is)", "backfill_plugin/protocol/publish.py",
+     "        if now == before:", "        if True:",
+     [T + "test_publish.py", "-k", "killed_after_the_swap"]),
+    ("kept copy taken again on a replay", "backfill_plugin/protocol/publish.py",
+     'flight["live_had_it"] and not flight.get("kept"):', 'flight["live_had_it"]:',
+     [T + "test_publish.py", "-k", "half_replaced"]),
 ]
 
 

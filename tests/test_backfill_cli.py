@@ -13,7 +13,7 @@ from tests.conftest import assert_copied_exactly, assert_store_copied_exactly, r
 
 LIST_KEYS = {"migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
              "batches_completed", "current_batch_size", "progress_percent", "started_at", "updated_at",
-             "rows_remaining", "rows_remaining_estimated"}
+             "rows_remaining", "rows_remaining_estimated", "published", "published_at"}
 STATUS_KEYS = LIST_KEYS | {"checkpoint", "error_log", "rows_per_second", "eta_seconds", "lease"}
 
 UP = """CREATE TABLE {db}.src (k UInt64, v String) ENGINE = MergeTree ORDER BY k;

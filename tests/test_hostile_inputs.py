@@ -55,7 +55,7 @@ META = {"migration_version": 1, "batch_size": 100, "min_batch_size": 10, "checkp
         "source_table": "src"}
 ALLOWED = ("migration_version, batch_size, checkpoint_columns, source_table, description, timeout_seconds, "
            "run_on_startup, max_retries, min_batch_size, max_batch_size, target_batch_seconds, max_rows_per_second, "
-           "max_target_parts, max_pending_mutations, max_replica_delay_seconds, settings, params")
+           "max_target_parts, max_pending_mutations, max_replica_delay_seconds, settings, params, publish")
 
 def dump(store: Path) -> dict:
     """Every tracking row, and the fingerprints (every column, duplicated keys) of the source and the
@@ -247,7 +247,7 @@ def test_valid_meta_gets_its_defaults(migrations):
     root = migrations(1, "x", "SELECT 1", "SELECT 1", COPY, META)
     spec = load_spec(discover(root)[1])
     assert spec.meta == {**META, "description": "", "timeout_seconds": 3600, "run_on_startup": False,
-                         "max_retries": 3, "settings": {}, "params": {}, "max_batch_size": 1000,
+                         "max_retries": 3, "settings": {}, "params": {}, "publish": None, "max_batch_size": 1000,
                          "target_batch_seconds": "off", "max_rows_per_second": "off", "max_target_parts": "auto",
                          "max_pending_mutations": 10, "max_replica_delay_seconds": 300}
 

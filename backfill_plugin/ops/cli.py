@@ -19,6 +19,7 @@ from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
 from ..spec.meta import PACING, parse_override
 from .control import ControlChannel, manager_for
+from .publish import publish, unpublish
 from .signals import Signals
 from .validate import Validation
 
@@ -59,6 +60,12 @@ def _throttled(info: dict) -> str:
     return f"{t['reason']} (value {t['value']}, limit {t['limit']}, for {time.time() - t['since']:.0f}s)"
 
 
+def _published(info: dict) -> str:
+    if info.get("published"):
+        return str(info["published_at"])[:19]
+    return "no" if info.get("publish_mode") else "-"
+
+
 def _secs(value) -> str:
     return "unknown" if value is None else f"{value:.0f}s"
 
@@ -79,14 +86,15 @@ def list_cmd(app: App, status, as_json, exact):
     if as_json:
         keys = ["migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
                 "batches_completed", "current_batch_size", "rows_remaining", "rows_remaining_estimated",
-                "progress_percent", "started_at", "updated_at"]
+                "progress_percent", "started_at", "updated_at", "published", "published_at"]
         click.echo(json.dumps([{k: i[k] for k in keys} for i in items], indent=2, default=str))
         return
-    table = Table("Version", "Description", "Status", "Progress", "Rows", "Started", "Updated")
+    table = Table("Version", "Description", "Status", "Progress", "Rows", "Started", "Updated", "Published")
     for i in items:
         progress = _progress(i)
         table.add_row(str(i["migration_version"]), i["description"], i["status"], progress,
-                      f"{i['rows_processed']:,}", _fmt(i["started_at"], "-")[:19], _fmt(i["updated_at"], "-")[:19])
+                      f"{i['rows_processed']:,}", _fmt(i["started_at"], "-")[:19], _fmt(i["updated_at"], "-")[:19],
+                      _published(i))
     Console(width=160).print(table)
 
 
@@ -278,7 +286,9 @@ def status(app: App, version, as_json, exact):
             ("rate", f"{_fmt(info['rows_per_second'])} rows/s"), ("eta", _secs(info["eta_seconds"])),
             ("started", _fmt(info["started_at"], "-")), ("updated", _fmt(info["updated_at"], "-")),
             ("last error", _fmt(info["error_log"], "-")), ("lease", _fmt((info.get("lease") or {}).get("owner"), "-")),
-            ("params", json.dumps((info.get("checkpoint") or {}).get("params"))), ("source", info["source"])]
+            ("params", json.dumps((info.get("checkpoint") or {}).get("params"))),
+            ("published", _published(info) + (f" ({info['publish_mode']} mode)" if info.get("publish_mode") else "")),
+            ("source", info["source"])]
     for key, value in rows:
         click.echo(f"{key:15} {value}")
 
@@ -399,3 +409,7 @@ def validate(app: App, version, as_json, range_rows, restart):
                             f"({out['differing_ranges_total']} differing ranges{scope})")
     click.echo(f"validation of backfill {version} passed ({len(out['checks'])} checks, {out['ranges_checked']} "
                f"ranges, {out['rows_walked']:,} source rows{scope})", err=as_json)
+
+
+backfill.add_command(publish)
+backfill.add_command(unpublish)

@@ -5,7 +5,9 @@
   that the server keeps running;
 - SQL that relies on the dedup token alone needs a target whose dedup window covers a replay;
 - the SQL of the first range is linted and planned by the engine (spec/sqlcheck.py): a typo or a
-  column count that does not match stops here in one line, not after max_retries with backoff.
+  column count that does not match stops here in one line, not after max_retries with backoff;
+- a `publish` block names tables that EXCHANGE or REPLACE PARTITION accepts, checked before the
+  first batch rather than after hours of copying.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from migrator import tracking
 
 from ..errors import BackfillError
 from ..spec import sqlcheck
-from . import dedup
+from . import dedup, tables
 from .lease import lease_seconds
 
 log = logging.getLogger("backfill")
@@ -28,6 +30,8 @@ def check(run, cluster: str | None) -> None:
     if cluster:
         check_single_shard(run.client, cluster)
     check_receive_timeout(receive_timeout(run.client), meta["timeout_seconds"])
+    if meta.get("publish") and not run.row.checkpoint.get("publish"):  # publishing moves the tables
+        tables.check_tables(run.client, run.row.db_name, meta["publish"], run.spec.meta_path)
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
     sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path))

@@ -19,6 +19,7 @@ def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool
     counted (`estimated` False); None means unknown. An estimate never shows 100% before the end.
     """
     cp = row.checkpoint
+    published = cp.get("publish") or {}
     done = int(cp.get("rows_processed", row.rows_processed))
     if remaining is None and cp.get("rows_total") is not None:
         remaining = max(0, int(cp["rows_total"]) - done)
@@ -45,6 +46,9 @@ def summarize(row: Row, spec=None, remaining: int | None = None, estimated: bool
         # While the runner waits on a health signal: {signal, value, limit, reason, since}; else None.
         "throttled": cp.get("throttled") if row.status == "running" else None,
         "batch_size_reason": (cp.get("sizing") or {}).get("reason"),
+        # A rebuild (meta `publish`): whether and when the staging table replaced the live one.
+        "published": bool(published.get("published")), "published_at": published.get("published_at"),
+        "publish_mode": (spec.meta.get("publish") or {}).get("mode") if spec else published.get("mode"),
     }
 
 

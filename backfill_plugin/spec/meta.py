@@ -106,6 +106,32 @@ def _params(value):
             return f"{key!r} must be a constant or {{\"sql\": \"SELECT ...\"}}"
 
 
+PUBLISH_MODES = ("exchange", "partitions")
+# field of the `publish` block: (required, check)
+PUBLISH_FIELDS = {"mode": (True, lambda v: None if v in PUBLISH_MODES else 'must be "exchange" or "partitions"'),
+                  "staging_table": (True, _ident), "live_table": (True, _ident), "kept_table": (False, _ident)}
+
+
+def _publish(value):
+    """The optional rebuild block: which table the SQL fills, which live table it replaces, and how."""
+    if not isinstance(value, dict):
+        return "must be an object with mode, staging_table, live_table (and kept_table)"
+    for key in value:
+        if key not in PUBLISH_FIELDS:
+            return f".{key} is not a known field (allowed: {', '.join(PUBLISH_FIELDS)})"
+    for key, (required, check) in PUBLISH_FIELDS.items():
+        if key not in value:
+            if required:
+                return f".{key} is missing"
+            continue
+        problem = check(value[key])
+        if problem:
+            return f".{key} {problem}"
+    names = [value[k] for k in ("staging_table", "live_table", "kept_table") if k in value]
+    if len(set(names)) != len(names):
+        return "must name different tables for staging_table, live_table and kept_table"
+
+
 # field: (required, default, check)
 FIELDS = {
     "migration_version": (True, None, _int(0)),
@@ -127,6 +153,7 @@ FIELDS = {
     "max_replica_delay_seconds": (False, 300, _or_words(_number_pos, OFF)),
     "settings": (False, {}, _settings),
     "params": (False, {}, _params),
+    "publish": (False, None, _publish),
 }
 
 
@@ -184,6 +211,10 @@ def load_spec(migration: Migration) -> BackfillSpec:
             meta[key] = default
             continue
         problem = check(raw[key])
+        if problem and problem.startswith("."):  # a field of a nested block: named as 'publish.mode'
+            sub, problem = problem[1:].split(" ", 1)
+            value = raw[key].get(sub) if isinstance(raw[key], dict) else raw[key]
+            raise BackfillError(f"{path}: field '{key}.{sub}' {problem} (got {json.dumps(value)[:60]})")
         if problem:
             raise BackfillError(f"{path}: field {key!r} {problem} (got {json.dumps(raw[key])[:60]})")
         meta[key] = raw[key]
@@ -204,6 +235,8 @@ def load_spec(migration: Migration) -> BackfillSpec:
     if target != OFF and target >= meta["timeout_seconds"]:
         raise BackfillError(f"{path}: field 'target_batch_seconds' ({target}) must be below "
                             f"'timeout_seconds' ({meta['timeout_seconds']})")
+    if meta["publish"] is not None:  # the old table's name after the swap, or the saved partitions' table
+        meta["publish"] = {"kept_table": f"{meta['publish']['live_table']}_kept_{migration.version}", **meta["publish"]}
     return BackfillSpec(migration.version, migration.name, migration.backfill_sql, path,
                         migration.backfill_validate, meta)
 
