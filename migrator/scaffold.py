@@ -41,32 +41,6 @@ VALIDATE_SQL = """-- Validation for backfill {version}: run by `migrate backfill
 -- 2. duplicate_keys_in_target: keys the target holds more often than the source (expected 0);
 -- 3. rows_equal_source: source keys whose target rows equal theirs in every hashed column
 --    (a 64-bit hash of each row, summed per key; expected: every source key).
-SELECT c.1 AS check, c.2 AS expected, c.3 AS actual, toUInt8(expected = actual) AS ok
-FROM
-(
-    SELECT
-        countIf(source_rows > 0) AS source_keys,
-        countIf(source_rows > 0 AND target_rows = 0) AS missing,
-        countIf(target_rows > source_rows) AS duplicates,
-        countIf(source_rows > 0 AND target_rows = source_rows AND source_hash = target_hash) AS equal
-    FROM
-    (
-        SELECT id, sum(side = 0) AS source_rows, sum(side = 1) AS target_rows,
-            sumIf(h, side = 0) AS source_hash, sumIf(h, side = 1) AS target_hash
-        FROM
-        (
-            SELECT id, 0 AS side, cityHash64(tuple(*)) AS h FROM {{db}}.SOURCE_TABLE WHERE {{batch_range}}
-            UNION ALL
-            SELECT id, 1 AS side, cityHash64(tuple(*)) AS h FROM {{db}}.TARGET_TABLE WHERE {{batch_range}}
-        )
-        GROUP BY id
-    )
-)
-ARRAY JOIN [
-    ('missing_keys_in_target', toUInt64(0), missing),
-    ('duplicate_keys_in_target', toUInt64(0), duplicates),
-    ('rows_equal_source', source_keys, equal)
-] AS c
 """
 
 
@@ -87,7 +61,9 @@ def scaffold(directory: Path, version: int, name: str, backfill: bool, rebuild: 
         files[".backfill.meta"] = json.dumps({
             "migration_version": version, "description": name.replace("_", " "), "batch_size": 100000,
             "checkpoint_columns": ["id"], "source_table": "SOURCE_TABLE"}, indent=2) + "\n"
-        files[".backfill.validate.sql"] = VALIDATE_SQL.format(version=version)
+        files[".backfill.validate.sql"] = validation(VALIDATE_SQL.format(version=version), "id", "SOURCE_TABLE",
+                                                     "TARGET_TABLE", "tuple(*)", "missing_keys_in_target",
+                                                     "duplicate_keys_in_target")
     if rebuild is not None:
         files = rebuild_files(version, name, rebuild["table"], rebuild["definition"])
     created = []
@@ -120,7 +96,9 @@ WHERE {{batch_range}}
 REBUILD_VALIDATE = """-- Validation for backfill {version}: every column of every row of {table} must be in {staging}.
 -- Rendered once per key range ({{batch_range}} over {keys}); one row per check: check, expected,
 -- actual, ok. 'migrate backfill publish {version}' refuses until this has passed after completion.
-SELECT c.1 AS check, c.2 AS expected, c.3 AS actual, toUInt8(expected = actual) AS ok
+"""
+DEDUP = "non_replicated_deduplication_window = 1000"
+CHECKS = """SELECT c.1 AS check, c.2 AS expected, c.3 AS actual, toUInt8(expected = actual) AS ok
 FROM
 (
     SELECT
@@ -134,20 +112,25 @@ FROM
             sumIf(h, side = 0) AS source_hash, sumIf(h, side = 1) AS target_hash
         FROM
         (
-            SELECT {keys}, 0 AS side, cityHash64({hashed}) AS h FROM {{db}}.{table} WHERE {{batch_range}}
+            SELECT {keys}, 0 AS side, cityHash64({hashed}) AS h FROM {{db}}.{source} WHERE {{batch_range}}
             UNION ALL
-            SELECT {keys}, 1 AS side, cityHash64({hashed}) AS h FROM {{db}}.{staging} WHERE {{batch_range}}
+            SELECT {keys}, 1 AS side, cityHash64({hashed}) AS h FROM {{db}}.{target} WHERE {{batch_range}}
         )
         GROUP BY {keys}
     )
 )
 ARRAY JOIN [
-    ('missing_keys_in_staging', toUInt64(0), missing),
-    ('extra_rows_in_staging', toUInt64(0), extra),
+    ('{missing}', toUInt64(0), missing),
+    ('{extra}', toUInt64(0), extra),
     ('rows_equal_source', source_keys, equal)
 ] AS c
 """
-DEDUP = "non_replicated_deduplication_window = 1000"
+
+
+def validation(head: str, keys: str, source: str, target: str, hashed: str, missing: str, extra: str) -> str:
+    """One validation for both scaffolds: per key of the range, missing keys, keys the target holds more
+    often than the source, and rows equal by a 64-bit hash of the hashed columns summed per key."""
+    return head + CHECKS.format(keys=keys, source=source, target=target, hashed=hashed, missing=missing, extra=extra)
 
 
 def table_definition(client, database: str, table: str) -> dict:
@@ -190,4 +173,5 @@ def rebuild_files(version: int, name: str, table: str, definition: dict) -> dict
             "publish": {"mode": "exchange", "staging_table": staging, "live_table": table}}
     return {".up.sql": REBUILD_UP.format(create=create, **fill), ".down.sql": REBUILD_DOWN.format(**fill),
             ".backfill.sql": REBUILD_BACKFILL.format(**fill), ".backfill.meta": json.dumps(meta, indent=2) + "\n",
-            ".backfill.validate.sql": REBUILD_VALIDATE.format(**fill)}
+            ".backfill.validate.sql": validation(REBUILD_VALIDATE.format(**fill), fill["keys"], table, staging,
+                                                 fill["hashed"], "missing_keys_in_staging", "extra_rows_in_staging")}

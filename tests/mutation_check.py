@@ -52,6 +52,13 @@ MUTATIONS = [
     ("completion without the skipped-rows check", "backfill_plugin/protocol/keys.py",
      "        if missing:\n            raise BackfillError(", "        if False:\n            raise BackfillError(",
      [T + "test_float_keys.py", "-k", "not_completed"]),
+    # The server path: caught only by the suites that run through clickhouse-connect's HTTP client.
+    ("server path: one HTTP session per client (autogenerate_session_id on)", "migrator/connection.py",
+     "autogenerate_session_id=False,", "autogenerate_session_id=True,",
+     [T + "test_server_mode.py", "-k", "hostile_composite_keys"]),
+    ("server path: no kill of an orphaned attempt left running on the server", "backfill_plugin/protocol/attempt.py",
+     "            ids = self.running(backfill_id)\n", "            ids = []\n",
+     [T + "test_http_endpoint.py", "-k", "runner_killed"]),
     ("health never checked", "backfill_plugin/pacing/pacer.py",
      "if self.health is None or", "if True or",
      [T + "test_pacing_loop.py", "-k", "too_many_parts"]),
