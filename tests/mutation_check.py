@@ -55,7 +55,7 @@ MUTATIONS = [
     # The server path: caught only by the suites that run through clickhouse-connect's HTTP client.
     ("server path: one HTTP session per client (autogenerate_session_id on)", "migrator/connection.py",
      "autogenerate_session_id=False,", "autogenerate_session_id=True,",
-     [T + "test_server_mode.py", "-k", "hostile_composite_keys"]),
+     [T + "test_http_endpoint.py", "-k", "heartbeat_and_the_batch"]),
     ("server path: no kill of an orphaned attempt left running on the server", "backfill_plugin/protocol/attempt.py",
      "            ids = self.running(backfill_id)\n", "            ids = []\n",
      [T + "test_http_endpoint.py", "-k", "runner_killed"]),

@@ -24,7 +24,6 @@ from backfill_plugin.protocol import preflight
 from backfill_plugin.protocol.attempt import MARKER, untagged
 from migrator import connection
 from migrator.errors import one_line
-from migrator.runner import Context, Migrator
 from tests.conftest import (
     DOWN_SQL,
     MIGRATE,
@@ -35,6 +34,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_faults import ANTI_JOIN, COPY_SQL, OOM_SETTINGS, OOM_SQL, OOM_UP, meta, source_sql
+from tests.test_server_mode import apply_version_1
 
 READS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN")
 WRITES = ("INSERT", "CREATE", "DROP", "ALTER", "RENAME", "TRUNCATE", "DELETE", "UPDATE", "OPTIMIZE", "SYSTEM",
@@ -62,15 +62,8 @@ def hdb(hclient, http_endpoint):
 def hsetup(hclient, hdb, tmp_path):
     """hsetup(rows, batch_size, sql=, up=, **meta) -> migrations root with 001 applied over HTTP to `hdb`."""
     def make(rows: int, batch_size: int, sql: str = COPY_SQL, up: str | None = None, **meta_extra) -> Path:
-        root = tmp_path / "migrations"
-        root.mkdir(exist_ok=True)
-        (root / "001_x.up.sql").write_text(up or source_sql(rows))
-        (root / "001_x.down.sql").write_text(DOWN_SQL)
-        (root / "001_x.backfill.sql").write_text(sql)
-        (root / "001_x.backfill.meta").write_text(json.dumps(meta(batch_size, **meta_extra)))
-        (root / "001_x.backfill.validate.sql").write_text(VALIDATE_SQL)
-        Migrator(Context(client=hclient, database=hdb, migrations_dir=root, echo=lambda _: None)).up()
-        return root
+        return apply_version_1(hclient, hdb, tmp_path / "migrations", rows, batch_size, sql, up, VALIDATE_SQL,
+                               **meta_extra)
     return make
 
 
@@ -417,3 +410,28 @@ def test_password_never_printed_accepted_or_rejected(locked_endpoint, tmp_path):
 def urllib_quote(text: str) -> str:
     import urllib.parse
     return urllib.parse.quote(text, safe="")
+
+
+def test_one_client_serves_the_heartbeat_and_the_batch_at_once(http_endpoint):
+    """The runner shares one HTTP client between threads: the batch INSERT, the heartbeat's checkpoint
+    writes and the lookahead's range lookups. Within one session a second query cannot run at once
+    (clickhouse-connect refuses it before sending; a server answers SESSION_IS_LOCKED, 373), so the
+    product's client must use no session."""
+    import threading
+    client = connection.connect(connection.resolve(http_endpoint.url))
+    errors, done = [], threading.Event()
+
+    def long_query():
+        try:
+            client.command("SELECT sleep(1.5)")
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+            errors.append(one_line(exc))
+        finally:
+            done.set()
+    worker = threading.Thread(target=long_query)
+    worker.start()
+    time.sleep(0.3)  # the long query is running on the server
+    assert not done.is_set()
+    assert client.command("SELECT 42") == 42  # a second query meanwhile, as the heartbeat sends
+    worker.join(30)
+    assert errors == []

@@ -121,18 +121,25 @@ def sdb(server):
         pass
 
 
+def apply_version_1(client, database: str, root: Path, rows: int, batch_size: int, sql: str = COPY_SQL,
+                    up: str | None = None, validate: str | None = None, **meta_extra) -> Path:
+    """Write version 1 (a source of `rows` rows, a copy backfill) into `root` and apply it to `database`."""
+    root.mkdir(exist_ok=True)
+    (root / "001_x.up.sql").write_text(up or source_sql(rows))
+    (root / "001_x.down.sql").write_text(DOWN_SQL)
+    (root / "001_x.backfill.sql").write_text(sql)
+    (root / "001_x.backfill.meta").write_text(json.dumps(meta(batch_size, **meta_extra)))
+    if validate:
+        (root / "001_x.backfill.validate.sql").write_text(validate)
+    Migrator(Context(client=client, database=database, migrations_dir=root, echo=lambda _: None)).up()
+    return root
+
+
 @pytest.fixture
 def setup(server, sdb, tmp_path):
     """setup(rows, batch_size, ...) -> migrations root with 001 applied to `sdb` on the server."""
     def make(rows: int, batch_size: int, sql: str = COPY_SQL, up: str | None = None, **meta_extra):
-        root = tmp_path / "migrations"
-        root.mkdir(exist_ok=True)
-        (root / "001_x.up.sql").write_text(up or source_sql(rows))
-        (root / "001_x.down.sql").write_text(DOWN_SQL)
-        (root / "001_x.backfill.sql").write_text(sql)
-        (root / "001_x.backfill.meta").write_text(json.dumps(meta(batch_size, **meta_extra)))
-        Migrator(Context(client=server, database=sdb, migrations_dir=root, echo=lambda _: None)).up()
-        return root
+        return apply_version_1(server, sdb, tmp_path / "migrations", rows, batch_size, sql, up, **meta_extra)
     return make
 
 
