@@ -24,6 +24,7 @@ import clickhouse_connect
 import pytest
 
 from backfill_plugin.protocol.attempt import untagged
+from backfill_plugin.testing.harness import wait_for_claim as claimed
 from backfill_plugin.testing.pytest_plugin import Migrations
 from migrator import connection
 from migrator.runner import Context, Migrator
@@ -500,17 +501,7 @@ def kill_phase(store: Path, pid: int, target: str = "dst", keys=(("a", "String")
 def wait_for_claim(store: Path, proc: subprocess.Popen, version: int = 1, database: str = "d",
                    timeout: float = 60) -> None:
     """Until runner `proc` has claimed the backfill (its live status file says running)."""
-    live = store.with_name(store.name + ".control") / f"status-{database}_{version}.json"
-    deadline = time.time() + timeout
-    while True:
-        try:
-            info = json.loads(live.read_text())
-            if info.get("runner_pid") == proc.pid and info.get("status") == "running":
-                return
-        except (OSError, ValueError):
-            pass
-        assert time.time() < deadline and proc.poll() is None, "the runner did not claim the backfill"
-        time.sleep(0.002)
+    assert claimed(store, proc, database, version, timeout), "the runner did not claim the backfill"
 
 
 def assert_phases(phases: list[str]) -> dict:

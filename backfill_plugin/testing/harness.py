@@ -204,18 +204,25 @@ def exactly_once(migrations_dir: Path, workdir: Path, version: int, *, target: s
     return comparison.summary
 
 
-def _wait_for_claim(project: Project, proc: subprocess.Popen, database: str, version: int) -> float:
-    """Until the runner has claimed the backfill (its live status file says so); returns that instant."""
-    live = project.store.with_name(project.store.name + ".control") / f"status-{database}_{version}.json"
-    deadline = time.monotonic() + 300
+def wait_for_claim(store: Path, proc: subprocess.Popen, database: str, version: int, timeout: float = 300) -> bool:
+    """Until runner `proc` has claimed the backfill (its live status file beside the store says so);
+    False when it exited or the time ran out first."""
+    live = store.with_name(store.name + ".control") / f"status-{database}_{version}.json"
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             info = json.loads(live.read_text())
             if info.get("runner_pid") == proc.pid and info.get("status") == "running":
-                break
+                return True
         except (OSError, ValueError):
             pass
-        time.sleep(0.005)
+        time.sleep(0.002)
+    return False
+
+
+def _wait_for_claim(project: Project, proc: subprocess.Popen, database: str, version: int) -> float:
+    """Until the runner has claimed the backfill; returns that instant."""
+    wait_for_claim(project.store, proc, database, version)
     return time.monotonic()
 
 
