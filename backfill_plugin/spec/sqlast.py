@@ -8,6 +8,7 @@ children are its target (database, table), a `Function` child there is a table f
 `system.functions` says which functions the engine itself holds non-deterministic (its
 `deterministic` column; `is_deterministic` on some versions; absent on old ones).
 """
+
 from __future__ import annotations
 
 import re
@@ -19,22 +20,87 @@ _NODE = re.compile(r"^( *)(\S+)(?: (.*?))?(?: \(children \d+\))?$")
 _ALIAS = re.compile(r" \(alias [^()]*\)$")
 # Functions the engine calls non-deterministic that give the same value when a batch is replayed on the
 # same server and data: about the server, the session or the column, or lookups into stored data.
-SAME_ON_REPLAY = {"arrayjoin", "joinget", "joingetornull", "currentdatabase", "currentuser", "currentroles",
-                  "currentschemas", "enabledroles", "defaultroles", "enabledprofiles", "defaultprofiles",
-                  "currentprofiles", "authenticateduser", "isconstant", "getmacro", "version", "revision", "buildid",
-                  "hostname", "fqdn", "shardnum", "shardcount", "getsetting", "getsettingordefault",
-                  "getmergetreesetting", "getserversetting", "tocolumntypename", "dumpcolumnstructure",
-                  "hascolumnintable", "displayname", "serveruuid", "tcpport", "getserverport", "timezone",
-                  "servertimezone", "getoskernelversion"}
+SAME_ON_REPLAY = {
+    "arrayjoin",
+    "joinget",
+    "joingetornull",
+    "currentdatabase",
+    "currentuser",
+    "currentroles",
+    "currentschemas",
+    "enabledroles",
+    "defaultroles",
+    "enabledprofiles",
+    "defaultprofiles",
+    "currentprofiles",
+    "authenticateduser",
+    "isconstant",
+    "getmacro",
+    "version",
+    "revision",
+    "buildid",
+    "hostname",
+    "fqdn",
+    "shardnum",
+    "shardcount",
+    "getsetting",
+    "getsettingordefault",
+    "getmergetreesetting",
+    "getserversetting",
+    "tocolumntypename",
+    "dumpcolumnstructure",
+    "hascolumnintable",
+    "displayname",
+    "serveruuid",
+    "tcpport",
+    "getserverport",
+    "timezone",
+    "servertimezone",
+    "getoskernelversion",
+}
 # Used when the server's system.functions has no deterministic column (older servers).
-NON_DETERMINISTIC = {"now", "now64", "nowinblock", "nowinblock64", "today", "yesterday", "rand", "rand32", "rand64",
-                     "randconstant", "randcanonical", "randuniform", "randnormal", "randomstring",
-                     "randomfixedstring", "randomprintableascii", "randomstringutf8", "generateuuidv4",
-                     "generateuuidv7", "generatesnowflakeid", "generateserialid", "rownumberinblock",
-                     "rownumberinallblocks", "blocknumber", "currenttimestamp", "utctimestamp", "current_timestamp",
-                     "localtimestamp", "localtime", "curdate", "current_date", "utc_timestamp", "arrayshuffle",
-                     "arraypartialshuffle", "arrayrandomsample", "fuzzbits", "queryid", "initialqueryid",
-                     "currentqueryid", "uptime"}
+NON_DETERMINISTIC = {
+    "now",
+    "now64",
+    "nowinblock",
+    "nowinblock64",
+    "today",
+    "yesterday",
+    "rand",
+    "rand32",
+    "rand64",
+    "randconstant",
+    "randcanonical",
+    "randuniform",
+    "randnormal",
+    "randomstring",
+    "randomfixedstring",
+    "randomprintableascii",
+    "randomstringutf8",
+    "generateuuidv4",
+    "generateuuidv7",
+    "generatesnowflakeid",
+    "generateserialid",
+    "rownumberinblock",
+    "rownumberinallblocks",
+    "blocknumber",
+    "currenttimestamp",
+    "utctimestamp",
+    "current_timestamp",
+    "localtimestamp",
+    "localtime",
+    "curdate",
+    "current_date",
+    "utc_timestamp",
+    "arrayshuffle",
+    "arraypartialshuffle",
+    "arrayrandomsample",
+    "fuzzbits",
+    "queryid",
+    "initialqueryid",
+    "currentqueryid",
+    "uptime",
+}
 
 
 @dataclass
@@ -116,15 +182,21 @@ def read(lines: list[str]) -> Shape:
 def nondeterministic(client) -> tuple[set[str], set[str]]:
     """(names matched exactly, names matched in any case) of the functions a replay would see change: the
     engine's own non-deterministic functions except SAME_ON_REPLAY (NON_DETERMINISTIC on older servers)."""
-    columns = {r[0] for r in client.query(
-        "SELECT name FROM system.columns WHERE database = 'system' AND table = 'functions' "
-        "AND name IN ('deterministic', 'is_deterministic', 'categories')").result_rows}
+    columns = {
+        r[0]
+        for r in client.query(
+            "SELECT name FROM system.columns WHERE database = 'system' AND table = 'functions' "
+            "AND name IN ('deterministic', 'is_deterministic', 'categories')"
+        ).result_rows
+    }
     column = next((c for c in ("deterministic", "is_deterministic") if c in columns), None)
     if column is None:
         return set(), set(NON_DETERMINISTIC)
     category = "categories" if "categories" in columns else "''"
-    rows = client.query(f"SELECT name, case_insensitive, if(alias_to = '', name, alias_to), {category} "
-                        f"FROM system.functions WHERE {column} = 0").result_rows
+    rows = client.query(
+        f"SELECT name, case_insensitive, if(alias_to = '', name, alias_to), {category} "
+        f"FROM system.functions WHERE {column} = 0"
+    ).result_rows
     lookups = {original.lower() for _, _, original, cat in rows if cat == "Dictionary"}  # dictGet*, dictHas...
     exact, any_case = set(), set()
     for name, insensitive, original, _ in rows:
