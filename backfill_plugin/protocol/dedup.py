@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 import time
 
-from migrator.sqltext import leading_comments
-
 from ..errors import BackfillError
 
 ONE_BLOCK = 1 << 40
@@ -21,8 +19,6 @@ ONE_BLOCK = 1 << 40
 # 26.x turns INSERT SELECT dedup off for "unstable" SELECTs unless asked: a batch is one block with
 # our own token, so the stability of the SELECT does not matter here.
 VERSIONED = {"deduplicate_insert_select": "enable_even_for_bad_queries", "deduplicate_insert": "enable"}
-INSERT_INTO = re.compile(r"\s*INSERT\s+INTO\s+(?:TABLE\s+)?((?:`[^`]+`|\w+)(?:\s*\.\s*(?:`[^`]+`|\w+))?)",
-                         re.IGNORECASE)
 
 
 def batch_settings(token: str, retry_count: int, skips_existing: bool, known: set[str]) -> dict:
@@ -41,15 +37,6 @@ def known_settings(client, also=()) -> set[str]:
     rows = client.query("SELECT name FROM system.settings WHERE name IN {names:Array(String)}",
                         parameters={"names": [*VERSIONED, *also]}).result_rows
     return {r[0] for r in rows}
-
-
-def target_table(sql: str, database: str) -> tuple[str, str] | None:
-    """The table a rendered `INSERT INTO ...` writes to (None when the SQL names none we can read)."""
-    match = INSERT_INTO.match(sql, leading_comments(sql))
-    if not match:
-        return None
-    parts = [p.strip().strip("`") for p in match.group(1).split(".")]
-    return (parts[0], parts[1]) if len(parts) == 2 else (database, parts[0])
 
 
 def _setting(client, engine_full: str, name: str) -> int:

@@ -16,7 +16,7 @@ import logging
 from migrator import tracking
 
 from ..errors import BackfillError
-from ..spec import sqlcheck
+from ..spec import sqlast, sqlcheck
 from . import dedup, tables
 from .lease import lease_seconds
 
@@ -34,15 +34,13 @@ def check(run, cluster: str | None) -> None:
         tables.check_tables(run.client, run.row.db_name, meta["publish"], run.spec.meta_path)
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
-    sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path))
     sql, params = run.render(run.check_batch(), 0)
+    shape = sqlast.parse(run.client, sql, params, run.spec.sql_path)  # the engine's parser: the target, the calls
+    sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path, run.client, shape))
+    sqlcheck.check_form(shape, run.spec.sql_path, run.skips_existing)
     sqlcheck.explain(run.client, sql, params, run.spec.sql_path)
-    run.target = dedup.target_table(sql, run.row.db_name)
-    if run.skips_existing:
-        return
-    if run.target is None:
-        log.warning("%s: cannot tell which table the SQL inserts into; its dedup window is not checked",
-                    run.spec.sql_path)
+    run.target = shape.target_in(run.row.db_name)
+    if run.skips_existing or run.target is None:  # None: a table function, refused unless the SQL skips existing keys
         return
     run.window = dedup.window(run.client, *run.target)
     try:

@@ -29,6 +29,12 @@ def plain(value):
     return str(value)
 
 
+def compute(client, sql: str, database: str, source) -> object:
+    """A `{"sql": ...}` param's value, read in `database` (its first row's first column; None: no row)."""
+    rows = client.query(render(sql, {"db": database}, source)[0]).result_rows
+    return plain(rows[0][0] if rows else None)
+
+
 def resolve(client, spec: BackfillSpec, database: str, overrides: dict | None, stored: dict | None,
             previous: dict | None = None) -> dict:
     """The params of this run: `stored` once fixed (an override that differs is refused), else the
@@ -53,9 +59,7 @@ def resolve(client, spec: BackfillSpec, database: str, overrides: dict | None, s
         elif name in (previous or {}):
             values[name] = previous[name]
         elif isinstance(value, dict):
-            sql, _ = render(value["sql"], {"db": database}, spec.meta_path)
-            rows = client.query(sql).result_rows
-            values[name] = plain(rows[0][0] if rows else None)
+            values[name] = compute(client, value["sql"], database, spec.meta_path)
         else:
             values[name] = value
     return values

@@ -1,7 +1,10 @@
 """A backfill's SQL checked before any batch runs: a mistake stops in one line, not after retries.
 
-- `lint` reads the template's text: no `{batch_range}`, a LIMIT/OFFSET, or a value that changes
-  between a run and its replay (now(), rand(), ...) breaks exactly-once however good the engine is.
+- `lint` reads the template's text and the engine's parse of it (spec/sqlast.py): no `{batch_range}`,
+  a LIMIT/OFFSET, or a function the engine itself calls non-deterministic (now(), rand(), ...) breaks
+  exactly-once however good the engine is. Strings, comments and quoted identifiers are not code.
+- `check_form`: the engine's parser must read the SQL as one INSERT into a table whose dedup window
+  can be checked; any other shape is refused, never passed unchecked.
 - `explain` asks the engine about the rendered SQL of one range without running it. Measured on
   the embedded engine (26.x): `EXPLAIN PIPELINE` of the INSERT ... SELECT builds the whole plan
   and so fails on a syntax error, an unknown table, column or function, a column count that does
@@ -18,16 +21,10 @@ import re
 from migrator.sqltext import _lex
 
 from ..errors import BackfillError, one_line
+from . import sqlast
 from .render import PLACEHOLDER, placeholders
 
 log = logging.getLogger("backfill")
-# Functions whose value differs between a batch and its replay (or between two runs).
-NON_DETERMINISTIC = ("now", "now64", "nowInBlock", "today", "yesterday", "rand", "rand32", "rand64",
-                     "randConstant", "randCanonical", "randUniform", "randNormal", "randomString",
-                     "randomFixedString", "randomPrintableASCII", "randomStringUTF8", "generateUUIDv4",
-                     "generateUUIDv7", "generateSnowflakeID", "rowNumberInBlock", "rowNumberInAllBlocks",
-                     "blockNumber", "currentTimestamp", "timestamp", "UTCTimestamp")
-_CALL = re.compile(r"\b(" + "|".join(NON_DETERMINISTIC) + r")\s*\(", re.IGNORECASE)
 _LIMIT = re.compile(r"\b(LIMIT|OFFSET)\b", re.IGNORECASE)
 _LIMIT_BY = re.compile(r"LIMIT\s+[^\s,()]+(?:\s*,\s*[^\s,()]+)?\s+BY\b", re.IGNORECASE)
 
@@ -44,10 +41,11 @@ def refuse(message: str, warnings: list[str] | None = None) -> None:
 
 
 def code_only(sql: str) -> str:
-    """The SQL with strings, comments and placeholders blanked (same length), so a word in them is not code."""
+    """The SQL with strings, comments, quoted identifiers and placeholders blanked (same length), so a word
+    in them (`offset`, 'now()') is not code."""
     out = list(sql)
     for kind, start, end in _lex(sql):
-        if kind in ("string", "comment"):
+        if kind in ("string", "comment", "quoted"):
             out[start:end] = " " * (end - start)
     return PLACEHOLDER.sub(lambda m: " " * len(m.group(0)), "".join(out))
 
@@ -56,8 +54,9 @@ def _depth(code: str, pos: int) -> int:
     return code.count("(", 0, pos) - code.count(")", 0, pos)
 
 
-def lint(template: str, path) -> list[str]:
-    """Refuse (BackfillError) what cannot be exactly-once; return warnings for what may not be."""
+def lint(template: str, path, client, shape: sqlast.Shape) -> list[str]:
+    """Refuse (BackfillError) what cannot be exactly-once; return warnings for what may not be.
+    `shape` is the engine's parse of the rendered template: the functions it calls."""
     names, code, warnings = placeholders(template), code_only(template), []
     if "batch_range" not in names:
         if not any(n.startswith("batch_end_") for n in names):
@@ -75,12 +74,24 @@ def lint(template: str, path) -> list[str]:
             continue
         refuse(f"{path}: {word} in the backfill SQL: the framework sizes each batch by its key range, and a "
                f"{word} picks different rows on a replay; remove it and select with {{batch_range}}", warnings)
-    for match in _CALL.finditer(code):
-        name = match.group(1)
+    exact, any_case = sqlast.nondeterministic(client)
+    for name in sorted(f for f in shape.functions if f in exact or f.lower() in any_case):
         refuse(f"{path}: {name}() gives another value when a batch is replayed; fix it once at first start with "
                f"a param in the meta, e.g. \"params\": {{\"{name.lower()}_at_start\": {{\"sql\": "
                f"\"SELECT {name}()\"}}}}, and use {{{name.lower()}_at_start}}", warnings)
     return warnings
+
+
+def check_form(shape: sqlast.Shape, path, skips_existing: bool) -> None:
+    """One INSERT into a table, whatever comes before it (WITH), after it (UNION ALL) or between (comments);
+    token-only SQL into a table function is refused: no dedup window holds its tokens."""
+    if not shape.is_insert:
+        raise BackfillError(f"{path}: the engine reads this SQL as {shape.kind}, not as an INSERT; a backfill "
+                            f"batch must be one INSERT INTO <table> ... SELECT ... WHERE {{batch_range}}")
+    if shape.target is None and not skips_existing:
+        refuse(f"{path}: the SQL inserts into table function {shape.table_function or '?'}(), which keeps no "
+               f"insert tokens, so a replayed batch would be written twice; insert into a MergeTree table, or "
+               f"make the SQL skip keys already in the target on a retry (read {{retry_count}})")
 
 
 def explain(client, sql: str, params: dict | None, path, rename: dict | None = None,
