@@ -87,14 +87,22 @@ MUTATIONS = [
      "    failed = []",
      [T + "test_publish.py", "-k", "refused_before_completion"]),
     ("a partition found replaced is replaced again", "backfill_plugin/protocol/publish.py",
-     "if not (replay and self._same(self.live, self.staging, pid)):", "if True:",
+     "or not (replay and self._same(self.live, self.staging, pid)):", "or True:",
      [T + "test_publish.py", "-k", "replaced_before_its_record"]),
     ("exchange without the recorded UUIDs (swapped whatever live is)", "backfill_plugin/protocol/publish.py",
      "        if now == before:", "        if True:",
      [T + "test_publish.py", "-k", "killed_after_the_swap"]),
     ("kept copy taken again on a replay", "backfill_plugin/protocol/publish.py",
-     'flight["live_had_it"] and not flight.get("kept"):', 'flight["live_had_it"]:',
+     'flight["live_had_it"] and not flight.get("kept")\n', 'flight["live_had_it"]\n',
      [T + "test_publish.py", "-k", "half_replaced"]),
+    ("a replayed partition taken as replaced when live holds as many rows (not staging's parts)",
+     "backfill_plugin/protocol/publish.py", "        return self._parts(table, pid) == self._parts(other, pid)\n",
+     "        return self.client.command(f\"SELECT count() FROM {table} WHERE _partition_id = '{pid}'\") == "
+     "self.client.command(f\"SELECT count() FROM {other} WHERE _partition_id = '{pid}'\")\n",
+     [T + "test_publish.py", "-k", "storage_only"]),
+    ("reset of a published backfill forgets its publish record", "backfill_plugin/ops/cli.py",
+     "    refuse_reset_if_published(mgr, app.database, version)\n", "",
+     [T + "test_publish.py", "-k", "reset_of_a_published"]),
 ]
 
 
