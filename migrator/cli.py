@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -161,10 +162,30 @@ def plugins(as_json):
         click.echo(f"{p['name']}: {', '.join(p['hooks']) or '(no hooks)'}")
 
 
+class _RedactedRecord(logging.LogRecord):
+    """A log record whose message passes through redact(): a driver's or a retry's line may quote a URL."""
+
+    def getMessage(self) -> str:  # noqa: N802 - logging's name
+        return connection.redact(super().getMessage())
+
+
+def redact_logs() -> None:
+    """Every log line of this process, from any logger, with URL passwords masked."""
+    logging.setLogRecordFactory(_RedactedRecord)
+
+
+def _debug_exit(exc: BaseException) -> None:
+    """--debug: the traceback, masked like every other message (an exception's text may quote a URL)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    click.echo(connection.redact(text), err=True, nl=False)
+    sys.exit(1)
+
+
 def run(group: click.Group, argv=None) -> None:
     """Run a click group with the project's error contract: one line on stderr, no traceback."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MIGRATE_DEBUG")
+    redact_logs()
     if not debug:  # the driver logs its own copy of a connection error; ours is the one line
         logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     try:
@@ -177,12 +198,12 @@ def run(group: click.Group, argv=None) -> None:
         sys.exit(exc.exit_code)
     except MigrateError as exc:
         if debug:
-            raise
+            _debug_exit(exc)
         click.echo(f"error: {connection.redact(str(exc))}", err=True)
         sys.exit(1)
     except Exception as exc:  # an unexpected failure still gets one line unless --debug
         if debug:
-            raise
+            _debug_exit(exc)
         click.echo(f"error: {type(exc).__name__}: {connection.redact(one_line(exc))} (rerun with --debug for details)",
                    err=True)
         sys.exit(1)
