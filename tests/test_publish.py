@@ -557,3 +557,35 @@ def test_reset_refused_while_a_publish_is_half_done_and_allowed_when_nothing_can
                    f"(then 'migrate backfill unpublish 1' to undo it) before reset")
     assert publisher().publish()["published"]  # without --keep-replaced: unpublish cannot restore anything
     assert reset_refusal(ch_client, mgr.store.load(f"{db}_1"), spec) is None
+
+
+def test_publish_refuses_a_validation_made_before_the_run_completed(rebuild, ch_client, db):
+    """A passing validation of the first batches does not cover the rows copied after it: publish wants
+    one whose basis is the completed run."""
+    mgr, publisher = rebuild(meta("exchange"))
+    assert mgr.run_backfill(db, 1, max_batches=2)["status"] == "paused"
+    early = validate(mgr, db, 1)
+    assert early["ok"] and early["finished"] and early["backfill_status"] == "paused", early
+    assert mgr.run_backfill(db, 1)["status"] == "completed"  # rows copied after that validation
+    before = fp(ch_client, f"{db}.live")
+    with pytest.raises(BackfillError, match=r"was last validated before it completed; run 'migrate backfill "
+                                            r"validate 1' again before publishing"):
+        publisher().publish()
+    assert fp(ch_client, f"{db}.live") == before and ch_client.command(f"EXISTS TABLE {db}.staging")
+    assert validate(mgr, db, 1)["ok"]
+    assert publisher().publish()["published"]
+
+
+def test_publish_refuses_a_staging_table_altered_after_the_run(rebuild, ch_client, db):
+    """The tables are checked again at publish, not only before the run: a column added to staging after
+    a passing validation is not exchanged in."""
+    mgr, publisher = rebuild(meta("exchange"))
+    run_and_validate(mgr, db)
+    ch_client.command(f"ALTER TABLE {db}.staging ADD COLUMN note String DEFAULT 'x'")
+    before = fp(ch_client, f"{db}.live")
+    with pytest.raises(BackfillError, match=r"differ in column 'note' \(String vs missing\); publish needs the same"):
+        publisher().publish()
+    assert fp(ch_client, f"{db}.live") == before
+    assert ch_client.command(f"SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'live' "
+                             f"AND name = 'note'") == 0
+    assert not mgr.store.load(f"{db}_1").checkpoint.get("publish", {}).get("swap")  # nothing written ahead
