@@ -135,18 +135,28 @@ def adopt(app: App):
 @click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql, .backfill.meta and .backfill.validate.sql")
 @click.option("--rebuild", "table", metavar="TABLE", default=None,
               help="with --backfill: rebuild TABLE online (staging table from its definition, copy, validate, publish)")
+@click.option("--from", "source", metavar="TABLE", default=None,
+              help="with --backfill: copy TABLE into a new table NAME (TABLE's columns and sorting key, a dedup "
+                   "window; SQL, meta and validation by its key, ready to run)")
 @pass_app
-def new(app: App, name, backfill, table):
+def new(app: App, name, backfill, table, source):
     """Scaffold NNN_NAME files with the next version."""
     from .scaffold import scaffold, table_definition
-    rebuild = None
-    if table is not None:
+    if table is not None and source is not None:
+        raise MigrateError("--rebuild and --from exclude each other: a rebuild replaces TABLE, --from copies it "
+                           "into a new table NAME")
+    found = {}
+    for option, what, needs in (("--rebuild", table, "the rebuild is a backfill into a staging table"),
+                                ("--from", source, "the copy is a backfill into the new table")):
+        if what is None:
+            continue
         if not backfill:
-            raise MigrateError("--rebuild needs --backfill: the rebuild is a backfill into a staging table")
+            raise MigrateError(f"{option} needs --backfill: {needs}")
         # The definition comes through the migrator's own client: no import of the backfill plugin.
-        definition = table_definition(app.client, check_identifier(app.database), check_identifier(table, "table"))
-        rebuild = {"table": table, "definition": definition}
-    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill, rebuild):
+        found[option] = {"table": what, "definition": table_definition(
+            app.client, check_identifier(app.database), check_identifier(what, "table"), option)}
+    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill,
+                         found.get("--rebuild"), found.get("--from")):
         click.echo(f"created {path}")
 
 
