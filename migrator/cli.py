@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -134,18 +135,28 @@ def adopt(app: App):
 @click.option("--backfill", is_flag=True, help="also scaffold .backfill.sql, .backfill.meta and .backfill.validate.sql")
 @click.option("--rebuild", "table", metavar="TABLE", default=None,
               help="with --backfill: rebuild TABLE online (staging table from its definition, copy, validate, publish)")
+@click.option("--from", "source", metavar="TABLE", default=None,
+              help="with --backfill: copy TABLE into a new table NAME (TABLE's columns and sorting key, a dedup "
+                   "window; SQL, meta and validation by its key, ready to run)")
 @pass_app
-def new(app: App, name, backfill, table):
+def new(app: App, name, backfill, table, source):
     """Scaffold NNN_NAME files with the next version."""
     from .scaffold import scaffold, table_definition
-    rebuild = None
-    if table is not None:
+    if table is not None and source is not None:
+        raise MigrateError("--rebuild and --from exclude each other: a rebuild replaces TABLE, --from copies it "
+                           "into a new table NAME")
+    found = {}
+    for option, what, needs in (("--rebuild", table, "the rebuild is a backfill into a staging table"),
+                                ("--from", source, "the copy is a backfill into the new table")):
+        if what is None:
+            continue
         if not backfill:
-            raise MigrateError("--rebuild needs --backfill: the rebuild is a backfill into a staging table")
+            raise MigrateError(f"{option} needs --backfill: {needs}")
         # The definition comes through the migrator's own client: no import of the backfill plugin.
-        definition = table_definition(app.client, check_identifier(app.database), check_identifier(table, "table"))
-        rebuild = {"table": table, "definition": definition}
-    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill, rebuild):
+        found[option] = {"table": what, "definition": table_definition(
+            app.client, check_identifier(app.database), check_identifier(what, "table"), option)}
+    for path in scaffold(app.migrations_dir, next_migration_number(app.migrations_dir), name, backfill,
+                         found.get("--rebuild"), found.get("--from")):
         click.echo(f"created {path}")
 
 
@@ -161,10 +172,30 @@ def plugins(as_json):
         click.echo(f"{p['name']}: {', '.join(p['hooks']) or '(no hooks)'}")
 
 
+class _RedactedRecord(logging.LogRecord):
+    """A log record whose message passes through redact(): a driver's or a retry's line may quote a URL."""
+
+    def getMessage(self) -> str:  # noqa: N802 - logging's name
+        return connection.redact(super().getMessage())
+
+
+def redact_logs() -> None:
+    """Every log line of this process, from any logger, with URL passwords masked."""
+    logging.setLogRecordFactory(_RedactedRecord)
+
+
+def _debug_exit(exc: BaseException) -> None:
+    """--debug: the traceback, masked like every other message (an exception's text may quote a URL)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    click.echo(connection.redact(text), err=True, nl=False)
+    sys.exit(1)
+
+
 def run(group: click.Group, argv=None) -> None:
     """Run a click group with the project's error contract: one line on stderr, no traceback."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MIGRATE_DEBUG")
+    redact_logs()
     if not debug:  # the driver logs its own copy of a connection error; ours is the one line
         logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     try:
@@ -177,12 +208,12 @@ def run(group: click.Group, argv=None) -> None:
         sys.exit(exc.exit_code)
     except MigrateError as exc:
         if debug:
-            raise
+            _debug_exit(exc)
         click.echo(f"error: {connection.redact(str(exc))}", err=True)
         sys.exit(1)
     except Exception as exc:  # an unexpected failure still gets one line unless --debug
         if debug:
-            raise
+            _debug_exit(exc)
         click.echo(f"error: {type(exc).__name__}: {connection.redact(one_line(exc))} (rerun with --debug for details)",
                    err=True)
         sys.exit(1)

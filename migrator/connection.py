@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import urllib.parse
@@ -47,31 +48,57 @@ def resolve(url: str | None) -> Target:
         if not raw.startswith("/"):
             raw = str(Path(raw or DEFAULT_STORE).resolve())
         return Target("chdb://" + raw, Path(raw))
+    password = url_password(url)
+    if password and len(password) >= MIN_SECRET:
+        _SECRETS.add(password)  # hidden from every later message of this process, wherever it appears
     try:
         parsed = urllib.parse.urlsplit(url)
         parsed.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise MigrateError(f"--url {redact(url)!r}: {exc}") from None
+        # The parser ends the user-info at the first / ? #; a password holding one parses as a host.
+        readable = password is None or parsed.password == password
+    except ValueError:  # the parser's message may quote a piece of the password: not shown
+        readable = False
+    if not readable:
+        raise MigrateError(f"--url {redact(url)!r}: cannot be read as a URL; percent-encode the characters "
+                           f"# / ? [ ] @ : % in the user and password (# is %23, / is %2F, ? is %3F, @ is %40)")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise MigrateError(f"--url {redact(url)!r}: expected chdb:///path or http(s)://user@host:port")
     return Target(url, None)
 
 
+MIN_SECRET = 4  # a shorter password is masked inside its URL only: masked everywhere it would mangle the text
+_SECRETS: set[str] = set()
+# scheme://user-info@ with the user-info running to the last @ before a space or quote, so a password
+# holding # / ? [ or an unencoded @ is covered whether or not the URL parses.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^\s'\"<>]*)@")
+
+
+def url_password(url: str) -> str | None:
+    """The password of a URL's user-info (as written, not decoded), found without parsing the URL: the
+    user-info is everything between `://` and the last `@`, the password what follows its first `:`."""
+    _, scheme, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    return (userinfo.partition(":")[2] or None) if scheme and at else None
+
+
+def _mask(match: re.Match) -> str:
+    user, colon, _ = match.group(2).partition(":")
+    return f"{match.group(1)}{user}{':***' if colon else ''}@"
+
+
 def redact(text: str) -> str:
-    """Mask a password given in a URL's userinfo or in CLICKHOUSE_PASSWORD wherever it appears."""
+    """Mask the password of every URL in the text (parsable or not), and CLICKHOUSE_PASSWORD and the
+    passwords of the URLs this process resolved wherever they appear, raw or percent-encoded."""
     if not text:
         return text
-    secrets = [os.environ.get("CLICKHOUSE_PASSWORD") or ""]
-    for word in text.split():
-        try:
-            parsed = urllib.parse.urlsplit(word.strip("'\"(),"))
-            if parsed.password:
-                secrets.append(parsed.password)
-        except ValueError:
-            continue
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***")
-        text = text.replace(urllib.parse.quote(secret, safe=""), "***")
+    text = _USERINFO.sub(_mask, text)
+    env = os.environ.get("CLICKHOUSE_PASSWORD") or ""
+    forms = {env, urllib.parse.quote(env, safe="")}
+    for secret in _SECRETS:
+        forms |= {f for f in (secret, urllib.parse.unquote(secret), urllib.parse.quote(secret, safe=""))
+                  if len(f) >= MIN_SECRET}
+    for form in sorted(filter(None, forms), key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
 
 

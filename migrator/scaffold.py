@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .errors import MigrateError
+from .sqltext import check_identifier
 
 BACKFILL_SQL = """-- Backfill for version {version}: runs once per batch; the framework owns the key range.
 -- batch_range selects exactly this batch's keys of the source table. Exactly-once needs the
@@ -20,6 +21,9 @@ SELECT *
 FROM {{db}}.SOURCE_TABLE
 WHERE {{batch_range}}
   AND ({{retry_count}} = 0 OR id NOT IN (SELECT id FROM {{db}}.TARGET_TABLE WHERE {{batch_range}}))
+-- For a composite key (checkpoint_columns ["kind", "id"]) the anti-join takes the whole key tuple:
+--   AND ({{retry_count}} = 0 OR (kind, id) NOT IN (SELECT kind, id FROM {{db}}.TARGET_TABLE WHERE {{batch_range}}))
+-- `migrate new NAME --backfill --from SOURCE_TABLE` writes all of this from the real table, ready to run.
 """
 
 
@@ -32,7 +36,10 @@ VALIDATE_SQL = """-- Validation for backfill {version}: run by `migrate backfill
 -- that copies that range again.
 -- Adapt:
 -- - SOURCE_TABLE / TARGET_TABLE: the same two tables as the backfill SQL and its meta;
--- - id: the checkpoint column(s) of the meta, the key a source row and its target row share;
+-- - id: the checkpoint column(s) of the meta, the key a source row and its target row share. For a
+--   composite key write every column where `id` stands, each under its own name: `SELECT kind, id, 0
+--   AS side ...` and `GROUP BY kind, id`. Not `SELECT (kind, id) AS id`: the alias shadows the column
+--   id that {{batch_range}} compares, and the engine refuses it (ILLEGAL_TYPE_OF_ARGUMENT);
 -- - tuple(*): the columns the backfill writes, in the same order on both sides (`*` fits a backfill
 --   that copies whole rows between tables with the same columns);
 -- - a filter the backfill applies to the source (e.g. AND deleted = 0) goes on the source side too.
@@ -44,10 +51,12 @@ VALIDATE_SQL = """-- Validation for backfill {version}: run by `migrate backfill
 """
 
 
-def scaffold(directory: Path, version: int, name: str, backfill: bool, rebuild: dict | None = None) -> list[Path]:
+def scaffold(directory: Path, version: int, name: str, backfill: bool, rebuild: dict | None = None,
+             source: dict | None = None) -> list[Path]:
     """Write empty up/down files (and a backfill's SQL, meta and validation); refuse to overwrite anything.
 
-    `rebuild` ({"table", "definition"}) writes the staged rebuild of an existing table instead."""
+    `rebuild` ({"table", "definition"}) writes the staged rebuild of an existing table instead; `source`
+    (the same shape) a copy of an existing table into a new table named `name`, ready to run."""
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", name):
         raise MigrateError(f"name {name!r}: use letters, digits, _ and -")
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,6 +75,8 @@ def scaffold(directory: Path, version: int, name: str, backfill: bool, rebuild: 
                                                      "duplicate_keys_in_target")
     if rebuild is not None:
         files = rebuild_files(version, name, rebuild["table"], rebuild["definition"])
+    if source is not None:
+        files = copy_files(version, name, source["table"], source["definition"])
     created = []
     for ext, text in files.items():
         path = Path(f"{stem}{ext}")
@@ -133,33 +144,22 @@ def validation(head: str, keys: str, source: str, target: str, hashed: str, miss
     return head + CHECKS.format(keys=keys, source=source, target=target, hashed=hashed, missing=missing, extra=extra)
 
 
-def table_definition(client, database: str, table: str) -> dict:
-    """What a rebuild scaffold needs of an existing table, read through the migrator's own client."""
-    rows = client.query("SELECT sorting_key, engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
-                        parameters={"d": database, "t": table}).result_rows
+def table_definition(client, database: str, table: str, option: str = "--rebuild") -> dict:
+    """What a rebuild or copy scaffold needs of an existing table, read through the migrator's own client."""
+    rows = client.query("SELECT sorting_key, engine, partition_key FROM system.tables WHERE database = {d:String} "
+                        "AND name = {t:String}", parameters={"d": database, "t": table}).result_rows
     if not rows:
-        raise MigrateError(f"--rebuild {table}: table {database}.{table} does not exist")
+        raise MigrateError(f"{option} {table}: table {database}.{table} does not exist")
     cols = client.query("SELECT name, type, default_kind FROM system.columns WHERE database = {d:String} "
                         "AND table = {t:String} ORDER BY position", parameters={"d": database, "t": table}).result_rows
     return {"create": client.query(f"SHOW CREATE TABLE {database}.{table}").result_rows[0][0], "sorting_key": rows[0][0],
-            "engine": rows[0][1], "columns": cols}
+            "engine": rows[0][1], "partition_key": rows[0][2], "columns": cols}
 
 
 def rebuild_files(version: int, name: str, table: str, definition: dict) -> dict[str, str]:
     """The up/down/backfill files of a staged rebuild of `table`, published in exchange mode."""
-    if "MergeTree" not in definition["engine"]:
-        raise MigrateError(f"--rebuild {table}: it is {definition['engine']}; only MergeTree tables are walked by key")
     staging = f"{table}_rebuild_{version}"
-    types = {c: t for c, t, _ in definition["columns"]}
-    keys = []
-    for part in definition["sorting_key"].split(","):  # the longest prefix of plain, non-Nullable columns
-        part = part.strip()
-        if part not in types or "Nullable(" in types[part]:
-            break
-        keys.append(part)
-    if not keys:
-        raise MigrateError(f"--rebuild {table}: its sorting key ({definition['sorting_key'] or 'none'}) does not start "
-                           f"with a plain column to walk by; scaffold with --backfill alone and write the copy by hand")
+    keys = walk_keys(table, definition, "--rebuild")
     copied = [f"`{c}`" for c, _, kind in definition["columns"] if kind not in ("ALIAS", "MATERIALIZED", "EPHEMERAL")]
     hashed = [f"`{c}`" for c, _, kind in definition["columns"] if kind not in ("ALIAS", "EPHEMERAL")]
     create = re.sub(r"^CREATE TABLE \S+", f"CREATE TABLE {{db}}.{staging}", definition["create"].strip(), count=1)
@@ -175,3 +175,76 @@ def rebuild_files(version: int, name: str, table: str, definition: dict) -> dict
             ".backfill.sql": REBUILD_BACKFILL.format(**fill), ".backfill.meta": json.dumps(meta, indent=2) + "\n",
             ".backfill.validate.sql": validation(REBUILD_VALIDATE.format(**fill), fill["keys"], table, staging,
                                                  fill["hashed"], "missing_keys_in_staging", "extra_rows_in_staging")}
+
+
+def walk_keys(table: str, definition: dict, option: str) -> list[str]:
+    """The checkpoint columns: the longest prefix of the sorting key made of plain, non-Nullable columns."""
+    if "MergeTree" not in definition["engine"]:
+        raise MigrateError(f"{option} {table}: it is {definition['engine']}; only MergeTree tables are walked by key")
+    types = {c: t for c, t, _ in definition["columns"]}
+    keys = []
+    for part in definition["sorting_key"].split(","):
+        part = part.strip()
+        if part not in types or "Nullable(" in types[part]:
+            break
+        keys.append(part)
+    if not keys:
+        raise MigrateError(f"{option} {table}: its sorting key ({definition['sorting_key'] or 'none'}) does not start "
+                           f"with a plain column to walk by; scaffold with --backfill alone and write the copy by hand")
+    return keys
+
+
+COPY_UP = """-- {name}: the target of backfill {version}, with the columns and sorting key of {table} (read from
+-- {{db}}.{table} when this file was made). Edit what the copy is for (a column's type, PARTITION BY,
+-- the engine); keep the checkpoint columns ({keys}) leading the sorting key. The dedup window lets a
+-- replayed batch deduplicate (exactly once); a Replicated*MergeTree deduplicates by default.
+CREATE TABLE {{db}}.{target}
+(
+{definitions}
+)
+ENGINE = MergeTree{partition}
+ORDER BY {sorting}
+SETTINGS {dedup}
+"""
+COPY_DOWN = """-- {name}: drops the target of backfill {version}.
+DROP TABLE IF EXISTS {{db}}.{target}
+"""
+COPY_BACKFILL = """-- Backfill for version {version}: copies {table} into {target} batch by batch, walked by the sorting
+-- key of {table} ({keys}); the framework owns the key range. A retry or a replay ({{retry_count}} > 0)
+-- skips the keys an earlier attempt of the range already wrote: the whole key tuple, in this range only.
+INSERT INTO {{db}}.{target} ({columns})
+SELECT {columns}
+FROM {{db}}.{table}
+WHERE {{batch_range}}
+  AND ({{retry_count}} = 0 OR {key_tuple} NOT IN (SELECT {key_list} FROM {{db}}.{target} WHERE {{batch_range}}))
+"""
+COPY_VALIDATE = """-- Validation for backfill {version}: every row of {table} must be in {target}, equal in every
+-- column. Rendered once per key range ({{batch_range}} over {keys}); one row per check: check,
+-- expected, actual, ok. Each key column is selected and grouped under its own name (never as one
+-- aliased tuple, which would shadow the column {{batch_range}} compares).
+"""
+
+
+def copy_files(version: int, name: str, table: str, definition: dict) -> dict[str, str]:
+    """The files of a backfill that copies `table` into a new table `name`: up, run and validate with no edit."""
+    check_identifier(name, "--from: the new table")
+    if name == table:
+        raise MigrateError(f"--from {table}: the new table needs a name of its own (NAME is {name!r})")
+    keys = walk_keys(table, definition, "--from")
+    stored = [(c, t) for c, t, kind in definition["columns"] if kind not in ("ALIAS", "EPHEMERAL")]
+    quoted = [f"`{c}`" for c, _ in stored]
+    key_list = ", ".join(f"`{k}`" for k in keys)
+    fill = {"name": name, "version": version, "table": table, "target": name, "keys": ", ".join(keys),
+            "columns": ", ".join(quoted), "key_list": key_list,
+            "key_tuple": key_list if len(keys) == 1 else f"({key_list})"}
+    partition = f"\nPARTITION BY {definition['partition_key']}" if definition.get("partition_key") else ""
+    sorting = definition["sorting_key"]  # one column bare: `ORDER BY (id)` would read back as '(id)'
+    up = COPY_UP.format(definitions=",\n".join(f"    `{c}` {t}" for c, t in stored), partition=partition,
+                        sorting=sorting if sorting in dict(stored) else f"({sorting})", dedup=DEDUP, **fill)
+    meta = {"migration_version": version, "description": f"copy {table} into {name}", "batch_size": 100000,
+            "checkpoint_columns": keys, "source_table": table}
+    return {".up.sql": up, ".down.sql": COPY_DOWN.format(**fill), ".backfill.sql": COPY_BACKFILL.format(**fill),
+            ".backfill.meta": json.dumps(meta, indent=2) + "\n",
+            ".backfill.validate.sql": validation(COPY_VALIDATE.format(**fill), key_list, table, name,
+                                                 f"tuple({', '.join(quoted)})", "missing_keys_in_target",
+                                                 "duplicate_keys_in_target")}

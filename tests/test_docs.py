@@ -72,24 +72,40 @@ def _section(text: str, heading: str) -> str:
 
 
 def test_the_guide_copy_a_table_example_runs_as_written(tmp_path):
+    """Every command of the example is run as shown; `new --from` writes exactly the files the example
+    shows, and they run (up, run, validate) as they are."""
     section = _section(GUIDE.read_text(), "## Example: copy a table")
-    files = dict(re.findall(r"^`(\d{3}_\w+\.[\w.]+)`:\n\n(?:<!--[^\n]*-->\n)?```\w+\n(.*?)^```", section, re.S | re.M))
-    inline = dict(re.findall(r"^`(\d{3}_\w+\.down\.sql)`: `([^`]+)`", section, re.M))
-    assert {"002_orders_v2.up.sql", "002_orders_v2.backfill.meta", "002_orders_v2.backfill.sql"} <= set(files)
+    files = dict(re.findall(r"^`(\d{3}_\w+\.[\w.]+)`:[^\n]*(?:\n[^\n`][^\n]*)*\n\n(?:<!--[^\n]*-->\n)?```\w+\n(.*?)^```",
+                            section, re.S | re.M))
+    shown = {"002_orders_v2.up.sql", "002_orders_v2.down.sql", "002_orders_v2.backfill.meta",
+             "002_orders_v2.backfill.sql"}
+    assert set(files) == shown, sorted(files)
+    assert json.loads(files["002_orders_v2.backfill.meta"])["checkpoint_columns"] == ["tenant", "id"]
     root = tmp_path / "migrations"
     root.mkdir()
     # Migration 001 is described in the text: the orders table it names, with rows to copy.
     (root / "001_orders.up.sql").write_text(
         "CREATE TABLE {db}.orders (tenant String, id UInt64, amount Decimal(18, 2), created_at DateTime64(3)) "
         "ENGINE = MergeTree ORDER BY (tenant, id);\nINSERT INTO {db}.orders SELECT ['a', 'b', 'c'][number % 3 + 1], "
-        "number, number / 100, toDateTime64('2026-01-01', 3) + number FROM numbers(50000)")
+        "number, number / 100, toDateTime64('2026-01-01', 3) + number FROM numbers(250000)")
     (root / "001_orders.down.sql").write_text("DROP TABLE {db}.orders")
-    for name, text in {**files, **inline}.items():
-        (root / name).write_text(text)
-    json.loads(files["002_orders_v2.backfill.meta"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "MIGRATE_"))}
-    env.update(CLICKHOUSE_URL=f"chdb://{tmp_path / 'store'}", MIGRATE_DIR=str(root))
-    transcript = re.search(r"^```\n(\$ migrate up\n.*?)^```", section, re.S | re.M).group(1)
+    env.update(CLICKHOUSE_URL=f"chdb://{tmp_path / 'store'}", MIGRATE_DIR="migrations")
+    transcripts = re.findall(r"^```\n(\$ migrate .*?)^```", section, re.S | re.M)
+    assert len(transcripts) == 2
+    for transcript in transcripts:
+        for command in re.findall(r"^\$ (migrate .+)$", transcript, re.M):
+            done = subprocess.run([sys.executable, "-m", "migrator", *command.split()[1:]], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, f"{command}: {done.stderr}"
+            expected = transcript.split(f"$ {command}\n", 1)[1].split("\n$ ")[0].strip().splitlines()
+            if command.startswith("migrate new"):
+                assert done.stdout.splitlines() == expected, done.stdout
+                for name, text in files.items():  # the files as the example shows them, exactly
+                    assert (root / name).read_text().strip() == text.strip(), name
+                continue
+            assert done.stdout.strip().splitlines()[-1].split(";")[0] == expected[-1].split(";")[0], (command, done.stdout)
+    # The plain scaffold of the "Files" section: the files it lists, in that order.
     scaffold = re.search(r"^```\n\$ migrate new (\w+) --backfill\n(.*?)^```", GUIDE.read_text(), re.S | re.M)
     project = tmp_path / "scaffold"
     (project / "migrations").mkdir(parents=True)
@@ -98,12 +114,6 @@ def test_the_guide_copy_a_table_example_runs_as_written(tmp_path):
     made = subprocess.run([sys.executable, "-m", "migrator", "--migrations-dir", "migrations", "new", scaffold.group(1),
                            "--backfill"], env=env, cwd=project, capture_output=True, text=True, timeout=60)
     assert made.stdout.splitlines() == scaffold.group(2).splitlines(), made.stdout
-    for command in re.findall(r"^\$ (migrate .+)$", transcript, re.M):
-        done = subprocess.run([sys.executable, "-m", "migrator", *command.split()[1:]], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, f"{command}: {done.stderr}"
-        expected_last = transcript.split(f"$ {command}\n", 1)[1].split("\n$ ")[0].strip().splitlines()[-1]
-        assert done.stdout.strip().splitlines()[-1].split(";")[0] == expected_last.split(";")[0], (command, done.stdout)
 
 
 RUNBOOK = REPO / "docs" / "backfill_runbook.md"

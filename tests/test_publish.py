@@ -16,7 +16,7 @@ import pytest
 from backfill_plugin.errors import BackfillError
 from backfill_plugin.ops.control import manager_for
 from backfill_plugin.ops.validate import validate
-from backfill_plugin.protocol.publish import Publisher
+from backfill_plugin.protocol.publish import Publisher, reset_refusal
 from backfill_plugin.spec.meta import find_spec
 from migrator import hookimpl
 from migrator.plugins import pm
@@ -72,8 +72,8 @@ def fp(client, table: str) -> tuple:
 @pytest.fixture
 def rebuild(db, migrations, migrator_for, ch_client):
     """rebuild(meta, up=...) -> (manager, publisher factory): version 1 applied to this test's database."""
-    def make(m: dict, up: str | None = None, validate_sql: str = VALIDATE):
-        root = migrations(1, "rebuild", up or up_sql(), DOWN, COPY, m, validate_sql)
+    def make(m: dict, up: str | None = None, validate_sql: str = VALIDATE, copy: str = COPY):
+        root = migrations(1, "rebuild", up or up_sql(), DOWN, copy, m, validate_sql)
         migrator_for(db, root).up()
         mgr = manager_for(ch_client, root)
         return mgr, lambda: Publisher(ch_client, mgr.store, find_spec(root, 1), db, mgr.owner)
@@ -464,3 +464,128 @@ def test_a_half_replaced_partition_is_replaced_again_and_never_copied_into_the_k
     assert st["done"] == [f"2024{m:02d}" for m in range(1, 7)]
     assert fp(ch_client, f"{db}.live") == fp(ch_client, f"({NEW.format(db=db)})")
     assert fp(ch_client, f"{db}.live_kept_1") == fp(ch_client, f"{db}.orig")
+
+
+# -- a rebuild that changes only storage: live and staging hold the same rows -----------------------
+SAME_COPY, SAME_VALIDATE = COPY.replace("concat(v, '!')", "v"), VALIDATE.replace("concat(v, '!')", "v")
+
+
+class DiesBefore(DiesAfter):
+    """A client proxy whose `at`-th command containing `marker` is never sent: the process 'dies' just
+    before it (kill -9 cannot be aimed between two statements of one publish)."""
+
+    def command(self, sql, *args, **kwargs):
+        if self.dead:
+            raise ConnectionError("process is gone")
+        if self.marker in sql:
+            self.seen += 1
+            if self.seen == self.at:
+                self.dead = True
+                raise ProcessDied()
+        self.commands.append(sql)
+        return self.client.command(sql, *args, **kwargs)
+
+
+def parts(client, table: str) -> dict:
+    """partition id -> the sorted file hashes of its active parts (a REPLACE PARTITION clone keeps them)."""
+    db, name = table.split(".")
+    return {p: sorted(h) for p, h in client.query(
+        "SELECT partition_id, groupArray(hash_of_all_files) FROM system.parts WHERE database = {d:String} "
+        "AND table = {t:String} AND active GROUP BY partition_id", parameters={"d": db, "t": name}).result_rows}
+
+
+@pytest.mark.parametrize("step, marker", [("kept copy", "ALTER TABLE {db}.live_kept_1 REPLACE"),
+                                          ("live REPLACE", "FROM {db}.staging")])
+def test_storage_only_rebuild_killed_just_before_each_step_of_each_partition_publishes_and_unpublishes_exactly(
+        rebuild, ch_client, db, step, marker):
+    """A codec-only rebuild (live's rows equal staging's): the publish dies just before the kept copy (or the
+    live REPLACE) of each of the 6 partitions in turn and is resumed each time. Each kept copy is taken,
+    live ends holding staging's very parts (the new codec), and unpublish puts the old ones back exactly."""
+    up = up_sql(order="k")
+    mgr, publisher = rebuild(meta("partitions"), up=up, copy=SAME_COPY, validate_sql=SAME_VALIDATE)
+    run_and_validate(mgr, db)
+    old_parts, new_parts = parts(ch_client, f"{db}.live"), parts(ch_client, f"{db}.staging")
+    assert old_parts.keys() == new_parts.keys() and all(old_parts[p] != new_parts[p] for p in old_parts)
+    for i, pid in enumerate(sorted(new_parts)):
+        dying = publisher()
+        dying.client = DiesBefore(ch_client, marker.format(db=db), at=1 if i == 0 else 2)
+        with pytest.raises(ProcessDied):
+            dying.publish(keep_replaced=True)
+        flight = mgr.store.load(f"{db}_1").checkpoint["publish"]["in_flight"]
+        assert flight["partition"] == pid and bool(flight.get("kept")) == (step != "kept copy"), (step, flight)
+    st = publisher().publish(keep_replaced=True)
+    assert st["published"] and st["done"] == sorted(new_parts) == st["replaced"]
+    assert parts(ch_client, f"{db}.live") == new_parts  # every partition replaced, none taken as replaced already
+    assert fp(ch_client, f"{db}.live") == fp(ch_client, f"{db}.orig") == fp(ch_client, f"{db}.live_kept_1")
+    publisher().unpublish()
+    assert fp(ch_client, f"{db}.live") == fp(ch_client, f"{db}.orig")
+    assert parts(ch_client, f"{db}.live") == parts(ch_client, f"{db}.live_kept_1") != new_parts
+    assert mgr.get_status(db, 1)["published"] is False
+
+
+# -- reset keeps what unpublish needs -------------------------------------------------------------------
+def test_reset_of_a_published_backfill_is_refused_until_it_is_unpublished(tmp_path, migrations):
+    store, root = cli_setup(tmp_path, migrations, meta("exchange"), up_sql(days=60))
+    for args in (["backfill", "validate", "1"], ["backfill", "publish", "1"]):
+        proc = run_migrate(args, store, migrations_dir=root)
+        assert proc.returncode == 0, proc.stderr
+    proc = run_migrate(["backfill", "reset", "1", "--yes"], store, migrations_dir=root)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: backfill d_1 is published (exchange mode, at ")
+    assert "run 'migrate backfill unpublish 1' first, then reset" in proc.stderr
+    status = json.loads(run_migrate(["backfill", "status", "1", "--json"], store, migrations_dir=root).stdout)
+    assert status["status"] == "completed" and status["published"] is True  # nothing forgotten
+    proc = run_migrate(["backfill", "unpublish", "1"], store, migrations_dir=root)
+    assert proc.returncode == 0, proc.stderr
+    live, orig = store_query(store, FP.format(table="d.live"), FP.format(table="d.orig"))
+    assert live == orig
+    proc = run_migrate(["backfill", "reset", "1", "--yes"], store, migrations_dir=root)
+    assert proc.returncode == 0 and "reset d_1 to pending" in proc.stdout, proc.stderr
+
+
+def test_reset_refused_while_a_publish_is_half_done_and_allowed_when_nothing_can_be_unpublished(rebuild, ch_client,
+                                                                                                 db):
+    mgr, publisher = rebuild(meta("partitions"), up=up_sql(order="k"))
+    run_and_validate(mgr, db)
+    spec = find_spec(mgr.migrations_dir, 1)
+    dying = publisher()
+    dying.client = DiesAfter(ch_client, f"FROM {db}.staging", at=2)
+    with pytest.raises(ProcessDied):
+        dying.publish()
+    why = reset_refusal(ch_client, mgr.store.load(f"{db}_1"), spec)
+    assert why == (f"backfill {db}_1 is being published; finish it with 'migrate backfill publish 1' "
+                   f"(then 'migrate backfill unpublish 1' to undo it) before reset")
+    assert publisher().publish()["published"]  # without --keep-replaced: unpublish cannot restore anything
+    assert reset_refusal(ch_client, mgr.store.load(f"{db}_1"), spec) is None
+
+
+def test_publish_refuses_a_validation_made_before_the_run_completed(rebuild, ch_client, db):
+    """A passing validation of the first batches does not cover the rows copied after it: publish wants
+    one whose basis is the completed run."""
+    mgr, publisher = rebuild(meta("exchange"))
+    assert mgr.run_backfill(db, 1, max_batches=2)["status"] == "paused"
+    early = validate(mgr, db, 1)
+    assert early["ok"] and early["finished"] and early["backfill_status"] == "paused", early
+    assert mgr.run_backfill(db, 1)["status"] == "completed"  # rows copied after that validation
+    before = fp(ch_client, f"{db}.live")
+    with pytest.raises(BackfillError, match=r"was last validated before it completed; run 'migrate backfill "
+                                            r"validate 1' again before publishing"):
+        publisher().publish()
+    assert fp(ch_client, f"{db}.live") == before and ch_client.command(f"EXISTS TABLE {db}.staging")
+    assert validate(mgr, db, 1)["ok"]
+    assert publisher().publish()["published"]
+
+
+def test_publish_refuses_a_staging_table_altered_after_the_run(rebuild, ch_client, db):
+    """The tables are checked again at publish, not only before the run: a column added to staging after
+    a passing validation is not exchanged in."""
+    mgr, publisher = rebuild(meta("exchange"))
+    run_and_validate(mgr, db)
+    ch_client.command(f"ALTER TABLE {db}.staging ADD COLUMN note String DEFAULT 'x'")
+    before = fp(ch_client, f"{db}.live")
+    with pytest.raises(BackfillError, match=r"differ in column 'note' \(String vs missing\); publish needs the same"):
+        publisher().publish()
+    assert fp(ch_client, f"{db}.live") == before
+    assert ch_client.command(f"SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'live' "
+                             f"AND name = 'note'") == 0
+    assert not mgr.store.load(f"{db}_1").checkpoint.get("publish", {}).get("swap")  # nothing written ahead

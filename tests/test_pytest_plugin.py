@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from backfill_plugin.testing.harness import ExactlyOnceFailure
 from tests.conftest import REPO
 
 UP = """
@@ -129,3 +130,16 @@ def test_exactly_once_with_data_from_a_callback(backfill_migrations, exactly_onc
     assert all(s["rows"] == 700 and s["duplicate_keys"] == 0 and s["kills"] == 1
                for s in summary["scenarios"].values()), summary
     assert sorted(seen) == sorted(["reference", "claimed", "written_ahead", "committed"])
+
+
+def test_exactly_once_fails_a_sql_that_writes_another_value_on_a_replay(backfill_migrations, exactly_once):
+    """Keys alone are not enough: a SQL that writes every key once but another non-key value on a replay
+    fails the harness, naming the phase and the keys whose rows differ."""
+    wrong = ANTI_JOIN.replace("SELECT a, b, v FROM", "SELECT a, b, if({retry_count} > 0, 'replayed', v) FROM")
+    backfill_migrations.write(1, "copy", UP, backfill_sql=wrong, meta=META)
+    with pytest.raises(ExactlyOnceFailure) as failure:
+        exactly_once(1, random_kills=0)
+    text = str(failure.value)
+    assert text.startswith("killed after the range was written ahead, before its INSERT (batch 2): dst differs "
+                           "from the reference: 1000 rows vs 1000 in the reference; rows not in the reference at keys"), text
+    assert "reference rows missing at keys" in text and "duplicate" not in text

@@ -7,6 +7,7 @@ store the tracking tables and every file of the store and its control folder are
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.parse
@@ -132,3 +133,57 @@ def test_failed_server_connection_is_exactly_one_line(project, tmp_path):
     proc = _server_run("CLICKHOUSE_URL", URLS["env-url"][1], ("up",), project, tmp_path)
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# -- URLs that do not parse: the password is found and masked without the URL parser ------------------
+HALVES = ("Kx7Tq", "Mw4Rz")  # distinctive: a piece of the password on either side of the character
+MALFORMED = {c: f"http://admin:{HALVES[0]}{c}{HALVES[1]}@127.0.0.1:1" for c in "#/?[@"}
+
+
+def test_a_password_holding_hash_slash_question_bracket_or_at_never_shows_whole_or_in_part(tmp_path):
+    """`migrate --url URL status` (and with --debug) for a password with each character that breaks or
+    moves the URL parser's user-info: neither half of the password in stdout or stderr, one line
+    without --debug."""
+    procs = {}
+    for char, url in MALFORMED.items():
+        for debug in ((), ("--debug",)):
+            procs[char, debug] = subprocess.Popen(
+                [sys.executable, "-m", "migrator", *debug, "--url", url, "status"], cwd=str(tmp_path),
+                env={k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "MIGRATE_"))},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for (char, debug), proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (char, debug, out, err)
+        shown = [h for h in HALVES if h in out + err]
+        assert not shown, f"{char!r} {debug}: {shown} in {out!r} {err!r}"
+        assert "admin:***@127.0.0.1:1" in err, (char, debug, err)  # the operator still sees which URL
+        if not debug:
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            if char != "@":  # an unencoded @ parses (the last @ ends the user-info); the others cannot
+                assert "cannot be read as a URL; percent-encode the characters # / ? [ ] @ : %" in err, err
+
+
+@pytest.mark.parametrize("text", [
+    "cannot reach http://admin:Kx7Tq#Mw4Rz@db.example:8123 (timeout)",
+    "--url 'https://u:Kx7Tq/Mw4Rz@h:1/x' is bad",
+    "a:(http://u:Kx7Tq[Mw4Rz@h) b:[https://v:Kx7Tq@Mw4Rz@h2:9]",
+])
+def test_redact_masks_the_user_info_of_urls_that_do_not_parse(text):
+    from migrator.connection import redact
+    masked = redact(text)
+    assert not [h for h in HALVES if h in masked], masked
+    assert "://u:***@" in masked or "://admin:***@" in masked
+
+
+def test_log_lines_are_redacted(caplog):
+    import logging
+
+    from migrator.cli import redact_logs
+    saved = logging.getLogRecordFactory()
+    redact_logs()
+    try:
+        with caplog.at_level(logging.WARNING, logger="backfill"):
+            logging.getLogger("backfill").warning("batch failed (%s)", "for url http://a:Kx7Tq?Mw4Rz@h:1")
+    finally:
+        logging.setLogRecordFactory(saved)
+    assert caplog.messages == ["batch failed (for url http://a:***@h:1)"]

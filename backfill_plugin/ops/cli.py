@@ -19,7 +19,7 @@ from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
 from ..spec.meta import PACING, parse_override
 from .control import ControlChannel, manager_for
-from .publish import publish, unpublish
+from .publish import publish, refuse_reset_if_published, unpublish
 from .signals import Signals
 from .validate import Validation
 
@@ -316,7 +316,9 @@ def reset(app: App, version, yes):
     """Forget a backfill's progress so that the next run starts from the beginning."""
     if not yes:
         raise BackfillError(f"reset forgets all progress of backfill {version}; add --yes to confirm")
-    manager(app).reset_backfill(app.database, version)
+    mgr = manager(app)
+    refuse_reset_if_published(mgr, app.database, version)
+    mgr.reset_backfill(app.database, version)
     click.echo(f"reset {backfill_id(app.database, version)} to pending")
 
 

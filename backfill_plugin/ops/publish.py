@@ -10,7 +10,8 @@ import click
 from migrator.cli import App, pass_app
 
 from ..errors import BackfillError
-from ..protocol.publish import Publisher
+from ..protocol.checkpoint import backfill_id
+from ..protocol.publish import Publisher, reset_refusal
 from .control import manager_for
 
 
@@ -18,6 +19,17 @@ def publisher(app: App, version: int) -> Publisher:
     """The publisher of one backfill over this command line's target."""
     mgr = manager_for(app.client, app.migrations_dir, app.cluster, app.target)
     return Publisher(mgr.ch_client, mgr.store, mgr.spec(version), app.database, mgr.owner, app.cluster)
+
+
+def refuse_reset_if_published(mgr, database: str, version: int) -> None:
+    """`reset` keeps a published backfill's publish record: one line saying to unpublish first."""
+    try:
+        row = mgr.store.load(backfill_id(database, version))
+    except BackfillError:  # a corrupt checkpoint is exactly what reset is for
+        return
+    problem = reset_refusal(mgr.ch_client, row, mgr.spec(version))
+    if problem:
+        raise BackfillError(problem)
 
 
 @click.command()

@@ -7,10 +7,10 @@ so rows that keep arriving into live's other partitions stay. Each step is writt
 backfill's state row (`checkpoint["publish"]`), so a killed publish resumes without doing a step twice:
 - exchange: the tables' UUIDs, recorded before the swap, tell whether the swap already happened;
 - partitions: the partition in flight is recorded first; on resume it is replaced again only if live's
-  partition does not already hold exactly staging's rows. Measured on the engine: a REPLACE PARTITION
+  partition does not already hold exactly staging's parts. Measured on the engine: a REPLACE PARTITION
   killed midway can leave some of the new parts committed beside the old ones; running it again
   replaces them all, so a replay fixes it. The copy into the kept table is recorded before live is
-  touched, so it is only ever taken from the old partition.
+  touched, so it is only ever taken from the old partition, and a replay whose record lacks it takes it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from migrator.plugins import pm
 from ..errors import BackfillError
 from .checkpoint import backfill_id, utcnow
 from .run import BackfillView
-from .tables import check_tables, columns, describe
+from .tables import check_tables, describe
 
 
 # -- the state and its preconditions --------------------------------------------------------------------
@@ -46,6 +46,32 @@ def refusal(row, version: int) -> str | None:
         return (f"the last validation of backfill {bid} failed ({', '.join(map(str, failed))}); repair the differing "
                 f"ranges and run 'migrate backfill validate {version}' again before publishing")
     return None
+
+
+def reset_refusal(client, row, spec) -> str | None:
+    """Why `reset` must wait: it would drop the publish record unpublish needs, or a publish half done.
+
+    Refused rather than kept across the reset: a reset backfill runs again into its staging table, which
+    an exchange publish has moved to the kept table, and a second publish would write a second record
+    over the first. Allowed when the record can restore nothing (partitions without a kept copy, or the
+    exchange's kept table dropped on purpose)."""
+    st = (row.checkpoint.get("publish") or {}) if row is not None else {}
+    bid, version, conf = backfill_id(row.db_name, spec.version) if row else "", spec.version, spec.meta.get("publish")
+    if st.get("undo"):
+        return (f"backfill {bid} is being unpublished; finish it with 'migrate backfill unpublish {version}', "
+                f"then reset")
+    if not st.get("published"):
+        if st.get("swap") or st.get("partitions") is not None:
+            return (f"backfill {bid} is being published; finish it with 'migrate backfill publish {version}' "
+                    f"(then 'migrate backfill unpublish {version}' to undo it) before reset")
+        return None
+    if st.get("mode") == "partitions" and not st.get("keep_replaced"):
+        return None
+    if st.get("mode") == "exchange" and (conf is None or describe(client, row.db_name, conf["kept_table"]) is None):
+        return None
+    return (f"backfill {bid} is published ({st.get('mode')} mode, at {st.get('published_at')}); reset would forget "
+            f"what unpublish needs to put the table from before back: run 'migrate backfill unpublish {version}' "
+            f"first, then reset")
 
 
 def _quote(text: str) -> str:
@@ -109,15 +135,19 @@ class Publisher:
             "SELECT count() FROM system.parts WHERE database = {d:String} AND table = {t:String} AND active "
             "AND partition_id = {p:String}", parameters={"d": self.db, "t": self.conf["live_table"], "p": pid}))
 
-    def _fingerprint(self, table: str, pid: str, names: list[str]) -> tuple:
-        row = self.client.query(f"SELECT count(), sum(cityHash64({', '.join(names)})) FROM {table} "
-                                f"WHERE _partition_id = {{p:String}}", parameters={"p": pid}).result_rows[0]
-        return tuple(int(v) for v in row)
+    def _parts(self, table: str, pid: str) -> list[str]:
+        return [str(h) for (h,) in self.client.query(
+            "SELECT hash_of_all_files FROM system.parts WHERE database = {d:String} AND table = {t:String} AND active "
+            "AND partition_id = {p:String} ORDER BY hash_of_all_files",
+            parameters={"d": self.db, "t": table.split(".", 1)[1], "p": pid}).result_rows]
 
     def _same(self, table: str, other: str, pid: str) -> bool:
-        """Both hold exactly the same rows in the partition (a step done before a kill, not yet recorded)."""
-        names = [f"`{c}`" for c in columns(self.client, self.db, self.conf["live_table"])]
-        return self._fingerprint(table, pid, names) == self._fingerprint(other, pid, names)
+        """Both hold the very same parts in the partition (a REPLACE done before a kill, not yet recorded).
+
+        Parts, not rows: a REPLACE PARTITION clone keeps its source part's files and so its
+        hash_of_all_files (measured), while a rebuild that only changes storage (a codec, the granularity)
+        holds the same rows as live before the REPLACE too; by rows it would be taken as replaced already."""
+        return self._parts(table, pid) == self._parts(other, pid)
 
     def plan(self, keep_replaced: bool = False) -> list[str]:
         """What publish would do, one line a step (`--dry-run`)."""
@@ -204,13 +234,16 @@ class Publisher:
                 continue
             flight = st.get("in_flight")
             replay = bool(flight and flight["partition"] == pid)
-            if not (replay and self._same(self.live, self.staging, pid)):
-                if not replay:  # what live held is recorded before it is gone
-                    st["in_flight"] = flight = {"partition": pid, "live_had_it": self._live_has(pid)}
-                    self._save()
-                # The copy is recorded before live is touched: a REPLACE killed midway leaves some new parts
-                # committed beside the old ones (measured), so live is copied only while it is still the old one.
-                if st["keep_replaced"] and flight["live_had_it"] and not flight.get("kept"):
+            if not replay:  # what live held is recorded before it is gone
+                st["in_flight"] = flight = {"partition": pid, "live_had_it": self._live_has(pid)}
+                self._save()
+            # The copy is recorded before live is touched: a REPLACE killed midway leaves some new parts
+            # committed beside the old ones (measured), so live is copied only while it is still the old one.
+            # A record without the copy therefore means live was not touched yet: the copy is taken (again,
+            # it replaces) and live replaced, on a replay too, so unpublish always finds the kept partition.
+            copy = st["keep_replaced"] and flight["live_had_it"] and not flight.get("kept")
+            if copy or not (replay and self._same(self.live, self.staging, pid)):
+                if copy:
                     self.client.command(f"ALTER TABLE {self.kept} REPLACE PARTITION ID {_quote(pid)} FROM {self.live}")
                     flight["kept"] = True
                     self._save()
