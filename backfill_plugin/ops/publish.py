@@ -11,6 +11,7 @@ from migrator.cli import App, pass_app
 
 from ..errors import BackfillError
 from ..protocol.publish import Publisher
+from . import shards
 from .control import manager_for
 
 
@@ -27,6 +28,7 @@ def publisher(app: App, version: int) -> Publisher:
               help="partitions mode: save each partition of the live table into the kept table before replacing it")
 @click.option("--yes", is_flag=True, help="partitions mode: accept that the replaced partitions are not kept")
 @pass_app
+@shards.fan_out("publish")
 def publish(app: App, version, dry_run, keep_replaced, yes):
     """Put a completed, validated rebuild in place of its live table (resumable)."""
     pub = publisher(app, version)
@@ -62,6 +64,7 @@ def publish(app: App, version, dry_run, keep_replaced, yes):
 @click.command()
 @click.argument("version", type=int)
 @pass_app
+@shards.fan_out("unpublish")
 def unpublish(app: App, version):
     """Undo a publish: swap the kept table back (exchange) or restore the kept partitions."""
     pub = publisher(app, version)
