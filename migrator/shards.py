@@ -129,7 +129,9 @@ def connect(shard: Shard, argv: list[str] | None = None):
             client = connection.connect(connection.resolve(url), argv)
             client.command("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - the next replica may answer; each failure is reported
-            errors.append(f"{connection.redact(url)}: {connection.redact(one_line(exc))}")
+            text = one_line(exc)
+            text = "connection refused" if "Connection refused" in text else text
+            errors.append(f"{connection.redact(url)}: {connection.redact(text)}")
             continue
         shard.url, shard.client = url, client
         return client

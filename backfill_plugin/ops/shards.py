@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import re
 import sys
 import threading
@@ -37,6 +38,36 @@ from .control import manager_for
 from .signals import Signals
 
 DISTRIBUTED_ARGS = re.compile(r"Distributed\(\s*'?([^',\s)]*)'?\s*,\s*'?([^',\s)]*)'?\s*,\s*'?([^',\s)]+)'?")
+
+
+NETWORK = (
+    ("Connection refused", "connection refused"),
+    ("Connection reset", "connection reset"),
+    ("RemoteDisconnected", "connection closed without an answer"),
+    ("Read timed out", "read timeout"),
+    ("Name or service not known", "host name not resolved"),
+)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One short line: a network failure named as one (not the driver's 500 characters of URL), else the
+    server's or the SQL's own message."""
+    text = str(exc)
+    for needle, words in NETWORK:
+        if needle in text:
+            head = text.split(": ", 1)[0] + ": " if text.startswith("batch after") else ""
+            return f"{head}network: {words}"
+    return connection.redact(one_line(exc))
+
+
+class ShardPrefix(logging.Filter):
+    """The runner's warnings ("batch failed ...; retry 1 of 3") name the shard whose thread logged them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = threading.current_thread().name
+        if name.startswith("shard ") and not str(record.msg).startswith("shard "):
+            record.msg, record.args = f"{name}: {record.getMessage()}", None
+        return True
 
 
 def shard_map(app: App) -> list[shardmap.Shard] | None:
@@ -144,7 +175,7 @@ def check_ready(walks: list[Walk], database: str, version: int) -> None:
         except BackfillError:
             raise  # the version's files themselves are wrong: the same on every shard
         except Exception as exc:  # noqa: BLE001 - the shard went away meanwhile: its walk ends, not the others'
-            walk.error = f"{walk.label}: {connection.redact(one_line(exc))}"
+            walk.error = f"{walk.label}: {describe_error(exc)}"
     if problems:
         raise BackfillError(f"backfill {version} refused before any batch on any shard: " + "; ".join(problems))
 
@@ -225,10 +256,11 @@ def run(app: App, version: int, only: int | None, parallel: int | None, kwargs: 
     started = time.time()
 
     def walk_one(walk: Walk) -> None:
+        threading.current_thread().name = f"shard {walk.shard.num}"
         try:
             walk.result = walk.manager.run_backfill(app.database, version, on_batch=board.on_batch(walk), **kwargs)
         except Exception as exc:  # noqa: BLE001 - one shard's fault ends its walk, never another's
-            walk.error = f"{walk.label}: {connection.redact(one_line(exc))}"
+            walk.error = f"{walk.label}: {describe_error(exc)}"
             click.echo(f"{walk.error}; its walk stopped, the other shards go on", err=True)
 
     def stop_all():
@@ -239,6 +271,8 @@ def run(app: App, version: int, only: int | None, parallel: int | None, kwargs: 
         for w in live:
             w.manager.abandon_batch()
 
+    prefix = ShardPrefix()
+    logging.getLogger("backfill").addFilter(prefix)
     with (
         Signals(
             "stopping every shard after its current batch (send again to stop now; interrupted batches are "
@@ -252,6 +286,7 @@ def run(app: App, version: int, only: int | None, parallel: int | None, kwargs: 
     ):
         with ThreadPoolExecutor(max_workers=max(1, min(parallel or len(live) or 1, len(live) or 1))) as pool:
             list(pool.map(walk_one, live))
+    logging.getLogger("backfill").removeFilter(prefix)
     _report(version, walks, time.time() - started, signals)
 
 
@@ -292,13 +327,13 @@ def dry_run(app: App, version: int, only: int | None, kwargs: dict, show) -> Non
     for line in shardmap.describe(shard_map(app)):
         click.echo(line)
     walks = open_walks(app, only)
+    check_ready(walks, app.database, version)
     for walk in walks:
         click.echo(f"-- {walk.label}")
         if walk.error:
             click.echo(f"unreachable: {walk.error}")
             continue
         show(version, walk.manager.run_backfill(app.database, version, dry_run=True, **kwargs))
-    check_ready(walks, app.database, version)
     if any(w.error for w in walks):
         raise BackfillError(f"backfill {version}: {', '.join(w.label for w in walks if w.error)} unreachable")
 
@@ -383,7 +418,7 @@ def status_doc(app: App, version: int, exact: bool) -> dict:
             except BackfillError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a shard gone meanwhile is reported, not fatal
-                walk.error = f"{walk.label}: {connection.redact(one_line(exc))}"
+                walk.error = f"{walk.label}: {describe_error(exc)}"
         entries.append(_entry(walk, info))
     return totals(version, app.database, entries)
 
@@ -420,7 +455,7 @@ def list_doc(app: App, status: str | None, exact: bool) -> list[dict]:
         try:
             items = walk.manager.list_backfills(app.database, None, exact=exact)
         except Exception as exc:  # noqa: BLE001
-            walk.error = f"{walk.label}: {connection.redact(one_line(exc))}"
+            walk.error = f"{walk.label}: {describe_error(exc)}"
             continue
         for item in items:
             descriptions[item["migration_version"]] = item["description"]
