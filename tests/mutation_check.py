@@ -95,6 +95,13 @@ MUTATIONS = [
     ("kept copy taken again on a replay", "backfill_plugin/protocol/publish.py",
      'flight["live_had_it"] and not flight.get("kept"):', 'flight["live_had_it"]:',
      [T + "test_publish.py", "-k", "half_replaced"]),
+    # Sharded clusters: one walk per shard, and one shard's fault never stops another's.
+    ("a failed shard stops every shard's walk", "backfill_plugin/ops/shards.py",
+     'click.echo(f"{walk.error}; its walk stopped, the other shards go on", err=True)', "stop_all()",
+     [T + "test_shards.py", "-k", "shard_down_mid_run"]),
+    ("a Distributed source or target walked on every shard", "backfill_plugin/ops/shards.py",
+     'elif rows[0][0] == "Distributed":', "elif False:",
+     [T + "test_shards.py", "-k", "discovered"]),
 ]
 
 

@@ -106,10 +106,10 @@ class Cluster:
             text=True,
         )
 
-    def fill(self, rows: int = ROWS) -> list[int]:
+    def fill(self, rows: int = ROWS, share=SHARE) -> list[int]:
         """Rows spread over the shards by a hash of the key, as a Distributed insert with that sharding key would."""
         counts = []
-        for endpoint, (lo, hi) in zip(self.endpoints, SHARE):
+        for endpoint, (lo, hi) in zip(self.endpoints, share):
             client = client_of(endpoint)
             client.command(
                 f"INSERT INTO {self.database}.src SELECT 'k' || toString(number % 991), toUInt32(number), "
@@ -294,7 +294,8 @@ CLUSTER_CONFIG = """<clickhouse><remote_servers><shop>
 def test_shards_discovered_from_the_engines_own_cluster_config(tmp_path):
     """`--cluster shop`: system.clusters of the engine behind --url (its config's remote_servers) names three
     shards; each is reached at its host with --url's scheme and port. Shard 1's first replica (127.0.0.9)
-    does not answer, so its second one is used. A Distributed source is refused naming the local table."""
+    does not answer, so its second one is used; shard 3 holds no rows and completes at once. A Distributed
+    source is refused naming the local table."""
     config = tmp_path / "config.xml"
     config.write_text(CLUSTER_CONFIG)
     first = start_endpoint(tmp_path / "s1" / "store", host="127.0.0.2", config=config)
@@ -305,7 +306,8 @@ def test_shards_discovered_from_the_engines_own_cluster_config(tmp_path):
         root = write_migrations(tmp_path / "migrations")
         by_shards = Cluster(started, root, "d")
         assert by_shards.migrate("up").returncode == 0
-        by_shards.counts = by_shards.fill(1200)
+        by_shards.counts = by_shards.fill(1200, share=[(0, 5), (6, 9), (10, 10)])  # shard 3: no rows
+        assert by_shards.counts[2] == 0
         c = Cluster(started, root, "d", extra=["--url", f"http://127.0.0.2:{first.port}/", "--cluster", "shop"])
         status = c.migrate("status")
         assert status.returncode == 0, status.stderr
@@ -315,6 +317,7 @@ def test_shards_discovered_from_the_engines_own_cluster_config(tmp_path):
         run = c.migrate("backfill", "run", "1")
         assert run.returncode == 0, run.stderr
         assert f"shard 1 (http://127.0.0.2:{first.port}/): completed" in run.stdout
+        assert f"shard 3 (http://127.0.0.4:{first.port}/): completed; 0 rows processed, 0 batches" in run.stdout
         by_shards.assert_exact()
         # a Distributed source: refused before any batch, naming the local table
         for e in started:
