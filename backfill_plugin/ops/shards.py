@@ -514,7 +514,12 @@ def each_shard(app: App, command, kwargs: dict, verb: str) -> None:
     if as_json:
         click.echo(json.dumps({"ok": not failed, "shards": docs}, indent=2, default=str))
     if failed:
-        raise BackfillError(f"{verb} failed on {len(failed)} of {len(docs)} shards: " + "; ".join(failed))
+        hint = (
+            "; repair a range on its own shard: add --shard K to its repair command"
+            if verb.startswith("validate")
+            else ""
+        )
+        raise BackfillError(f"{verb} failed on {len(failed)} of {len(docs)} shards: " + "; ".join(failed) + hint)
 
 
 def fan_out(verb: str):
