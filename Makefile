@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale clean
+.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale bench-shards clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -81,6 +81,11 @@ bench-narrow: $(STAMP)
 # 25 GB of free disk in $TMPDIR.
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_021.py --calls 2000000 --scale --variants deferred $(ARGS)
+
+# bench-shards: the same rows per shard over 1, 2 and 3 shards (tests/chhttp.py endpoints, pinned with taskset
+# where the cores allow); wall time and total rows/s as ratios against one shard (about 1 minute).
+bench-shards: $(STAMP)
+	$(BIN)/python bench/bench_shards.py $(ARGS)
 
 clean:
 	rm -rf .demo .chdb .chdb.control .chhttp

@@ -22,8 +22,9 @@ def add_hookspecs(pm):
 
 
 def _for_context(context):
-    app = context.extra.get("app")
-    return manager_for(context.client, context.migrations_dir, context.cluster, getattr(app, "target", None))
+    app = context.extra.get("app")  # a shard's context names its own target (migrator/sharded.py)
+    target = context.extra.get("target") or getattr(app, "target", None)
+    return manager_for(context.client, context.migrations_dir, context.cluster, target)
 
 
 @hookimpl

@@ -22,8 +22,9 @@ from .sqltext import check_identifier
 class App:
     """Resolved global options plus a lazily opened client (status and pause may never open it)."""
 
-    def __init__(self, url, database, migrations_dir, cluster, debug):
+    def __init__(self, url, database, migrations_dir, cluster, debug, shards=None):
         self.url, self.database, self.cluster, self.debug = url, database, cluster, debug
+        self.shards = shards  # --shards text; migrator/shards.py reads it (and --cluster) into the shard map
         self.migrations_dir = Path(migrations_dir)
         self._target = None
         self._client = None
@@ -57,11 +58,13 @@ def global_options(func):
     @click.option("--database", "-d", envvar="MIGRATE_DATABASE", default="default", show_default=True)
     @click.option("--migrations-dir", envvar="MIGRATE_DIR", default="migrations", show_default=True)
     @click.option("--cluster", envvar="MIGRATE_CLUSTER", default=None, help="ON CLUSTER name; replicated engines")
+    @click.option("--shards", envvar="MIGRATE_SHARDS", default=None, metavar="URL,URL,...",
+                  help="one http(s) URL per shard, replicas of a shard separated by '|'")
     @click.option("--debug", is_flag=True, envvar="MIGRATE_DEBUG", help="show tracebacks")
     @click.pass_context
     @functools.wraps(func)
-    def wrapper(ctx, url, database, migrations_dir, cluster, debug, **kwargs):
-        ctx.obj = App(url, database, migrations_dir, cluster, debug)
+    def wrapper(ctx, url, database, migrations_dir, cluster, shards, debug, **kwargs):
+        ctx.obj = App(url, database, migrations_dir, cluster, debug, shards)
         return ctx.invoke(func, **kwargs)
     return wrapper
 
@@ -81,7 +84,14 @@ def cli():
 @pass_app
 def up(app: App, to, dry_run):
     """Apply pending migrations."""
-    applied = app.migrator(dry_run).up(to)
+    if app.shards:
+        from . import sharded
+        applied = [v for done in sharded.up(app, to, dry_run, click.echo) for v in done]
+    else:
+        applied = app.migrator(dry_run).up(to)
+        if app.cluster and not dry_run:
+            from . import sharded
+            sharded.after_cluster_up(app, applied, click.echo)
     if not dry_run and not applied:
         click.echo("nothing to apply")
 
@@ -92,7 +102,11 @@ def up(app: App, to, dry_run):
 @pass_app
 def down(app: App, to, dry_run):
     """Roll back migrations above --to."""
-    done = app.migrator(dry_run).down(to)
+    if app.shards:
+        from . import sharded
+        done = [v for vs in sharded.down(app, to, dry_run, click.echo) for v in vs]
+    else:
+        done = app.migrator(dry_run).down(to)
     if not dry_run and not done:
         click.echo("nothing to roll back")
 
@@ -102,6 +116,9 @@ def down(app: App, to, dry_run):
 @pass_app
 def status(app: App, as_json):
     """Applied version, pending versions and the dirty flag."""
+    if app.shards:
+        from . import sharded
+        return _print_shard_status(app, sharded.status(app), as_json)
     st = app.migrator().status()
     if as_json:
         click.echo(json.dumps(st))
@@ -110,6 +127,31 @@ def status(app: App, as_json):
     click.echo(f"version:   {st['current_version']}" + ("  (DIRTY: partially applied "
                                                          f"{st['partially_applied_version']})" if st["dirty"] else ""))
     click.echo(f"pending:   {', '.join(map(str, st['pending_versions'])) or 'none'}")
+    if app.cluster and not app.target.embedded:
+        from .shards import describe, for_app
+        mapped = for_app(app)
+        for line in describe(mapped) if mapped else []:
+            click.echo(line)
+
+
+def _print_shard_status(app: App, doc: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    from .shards import describe, for_app
+    for line in describe(for_app(app)):
+        click.echo(line)
+    click.echo(f"database:  {doc['database']}")
+    for e in doc["shards"]:
+        if "error" in e:
+            click.echo(f"shard {e['shard']} ({e['url']}): unreachable: {e['error']}")
+            continue
+        dirty = f"  (DIRTY: partially applied {e['partially_applied_version']})" if e["dirty"] else ""
+        click.echo(f"shard {e['shard']} ({e['url']}): version {e['current_version']}{dirty}, pending "
+                   f"{', '.join(map(str, e['pending_versions'])) or 'none'}")
+    if not doc["agree"]:
+        click.echo(f"the shards disagree (versions {', '.join(map(str, doc['current_versions']))}); "
+                   f"'migrate up' with the same shards brings each one to the latest")
 
 
 @cli.command()
@@ -117,6 +159,11 @@ def status(app: App, as_json):
 @pass_app
 def force(app: App, version):
     """Mark VERSION as applied and clear the dirty flag (after a manual repair)."""
+    if app.shards:
+        from . import sharded
+        sharded.force(app, version, click.echo)
+        click.echo(f"forced {app.database} to version {version} on every shard")
+        return
     app.migrator().force(version)
     click.echo(f"forced {app.database} to version {version}")
 

@@ -60,9 +60,9 @@ class HttpEndpoint:
     `url` is what `migrate` and connection.connect take; `fault(...)` arms a transport fault aimed at
     the nth query whose text matches; `log()` is every query the endpoint received."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, store: Path, password: str | None):
-        self.proc, self.port, self.store, self.password = proc, port, store, password
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, proc: subprocess.Popen, port: int, store: Path, password: str | None, host: str = "127.0.0.1"):
+        self.proc, self.port, self.store, self.password, self.host = proc, port, store, password, host
+        self.base = f"http://{host}:{port}"
         self.url = f"{self.base}/"
 
     def _call(self, method: str, path: str, payload=None):
@@ -87,8 +87,10 @@ class HttpEndpoint:
         self._call("DELETE", "/__log")
 
 
-def start_endpoint(store: Path, password: str | None = None, timeout: float = 60) -> HttpEndpoint:
-    """Start tests/chhttp.py on a free port of 127.0.0.1 with its own store; return once /ping answers."""
+def start_endpoint(store: Path, password: str | None = None, timeout: float = 60, port: int = 0,
+                   host: str = "127.0.0.1", config: Path | None = None) -> HttpEndpoint:
+    """Start tests/chhttp.py on a free port of 127.0.0.1 (or `host`:`port`) with its own store (its engine
+    given `config`, a ClickHouse config file, if any); return once /ping answers."""
     import urllib.request
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("CHHTTP_PASSWORD", None)
@@ -96,17 +98,19 @@ def start_endpoint(store: Path, password: str | None = None, timeout: float = 60
         env["CHHTTP_PASSWORD"] = password  # not on the command line, where ps would show it
     store.parent.mkdir(parents=True, exist_ok=True)
     with open(store.parent / "chhttp.stderr", "ab") as errors:  # tracebacks of the endpoint, if any
-        proc = subprocess.Popen([sys.executable, "-m", "tests.chhttp", "--store", str(store), "--port", "0"],
+        engine = f"{store}?config-file={config}" if config else str(store)  # chDB reads settings from the path
+        proc = subprocess.Popen([sys.executable, "-m", "tests.chhttp", "--store", engine, "--port", str(port),
+                                 "--host", host],
                                 cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     line = proc.stdout.readline()
-    if not line.startswith("listening on http://127.0.0.1:"):
+    if not line.startswith(f"listening on http://{host}:"):
         proc.kill()
         raise RuntimeError(f"the HTTP endpoint did not start: {line!r}")
-    port = int(line.split("127.0.0.1:")[1].split("/")[0])
+    port = int(line.split(f"{host}:")[1].split("/")[0])
     deadline = time.time() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
+            with urllib.request.urlopen(f"http://{host}:{port}/ping", timeout=5) as resp:
                 if resp.read() == b"Ok.\n":
                     break
         except OSError:
@@ -115,7 +119,7 @@ def start_endpoint(store: Path, password: str | None = None, timeout: float = 60
             proc.kill()
             raise RuntimeError("the HTTP endpoint did not answer /ping")
         time.sleep(0.05)
-    return HttpEndpoint(proc, port, store, password)
+    return HttpEndpoint(proc, port, store, password, host)
 
 
 def stop_endpoint(endpoint: HttpEndpoint) -> None:

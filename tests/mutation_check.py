@@ -146,6 +146,13 @@ MUTATIONS = [
     ("reset of a published backfill forgets its publish record", "backfill_plugin/ops/cli.py",
      "    refuse_reset_if_published(mgr, app.database, version)\n", "",
      [T + "test_publish.py", "-k", "reset_of_a_published"]),
+    # Sharded clusters: one walk per shard, and one shard's fault never stops another's.
+    ("a failed shard stops every shard's walk", "backfill_plugin/ops/shards.py",
+     'click.echo(f"{walk.error}; its walk stopped, the other shards go on", err=True)', "stop_all()",
+     [T + "test_shards.py", "-k", "shard_down_mid_run"]),
+    ("a Distributed source or target walked on every shard", "backfill_plugin/ops/shards.py",
+     'elif rows[0][0] == "Distributed":', "elif False:",
+     [T + "test_shards.py", "-k", "discovered"]),
 ]
 
 

@@ -18,6 +18,7 @@ from ..protocol import repair
 from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
 from ..spec.meta import PACING, parse_override
+from . import shards
 from .control import ControlChannel, manager_for
 from .publish import publish, refuse_reset_if_published, unpublish
 from .signals import Signals
@@ -82,6 +83,8 @@ def backfill():
 @pass_app
 def list_cmd(app: App, status, as_json, exact):
     """Backfills of the database, registered or only discovered."""
+    if shards.shard_map(app) is not None:
+        return _print_shard_list(shards.list_doc(app, status, exact), as_json)
     items = manager(app).list_backfills(app.database, status, exact=exact)
     if as_json:
         keys = ["migration_version", "backfill_id", "db_name", "description", "status", "rows_processed",
@@ -96,6 +99,30 @@ def list_cmd(app: App, status, as_json, exact):
                       f"{i['rows_processed']:,}", _fmt(i["started_at"], "-")[:19], _fmt(i["updated_at"], "-")[:19],
                       _published(i))
     Console(width=160).print(table)
+
+
+def _print_shard_list(items: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(items, indent=2, default=str))
+        return
+    table = Table("Version", "Description", "Status", "Progress", "Rows", "Shards done")
+    for i in items:
+        pct = "unknown" if i["progress_percent"] is None else f"{i['progress_percent']:.1f}%"
+        table.add_row(str(i["migration_version"]), i["description"], i["status"], pct, f"{i['rows_processed']:,}",
+                      f"{len(i['shards_completed'])}/{i['shards_total']}")
+    Console(width=160).print(table)
+
+
+SHARD_OPTIONS = [click.option("--shard", type=click.IntRange(min=1), default=None, metavar="K",
+                              help="on shards: run only shard K (its lease keeps a second runner off it)"),
+                 click.option("--parallel", type=click.IntRange(min=1), default=None, metavar="N",
+                              help="on shards: walk at most N shards at once (default: every shard)")]
+
+
+def shard_options(command):
+    for option in reversed(SHARD_OPTIONS):
+        command = option(command)
+    return command
 
 
 def _run(app: App, version: int, resume: bool, **kwargs) -> None:
@@ -207,9 +234,18 @@ def _params(values) -> dict:
               help="replay only the keys in (START, END], JSON arrays as 'position' shows them (START may be empty)")
 @click.option("--exact", is_flag=True, help="count the remaining source rows for progress instead of estimating")
 @pacing_options
+@shard_options
 @pass_app
-def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact, **pacing):
+def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact, shard, parallel, **pacing):
     """Run (or continue) a backfill until it completes, or replay one key range of it."""
+    shards.refuse_shard_option(app, shard)
+    if shards.shard_map(app) is not None:
+        kwargs = dict(batch_size=batch_size, params=_params(params), exact=exact)
+        if dry_run:
+            return shards.dry_run(app, version, shard, kwargs, _print_dry_run)
+        return shards.run(app, version, shard, parallel, dict(
+            kwargs, max_batches=max_batches, key_range=repair.parse(key_range) if key_range is not None else None,
+            pacing=_pacing(pacing)))
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
                                                           params=_params(params), dry_run=True, exact=exact))
@@ -240,9 +276,13 @@ def _print_dry_run(version: int, out: dict) -> None:
 @click.argument("version", type=int)
 @click.option("--max-batches", type=click.IntRange(min=1), default=None)
 @pacing_options
+@shard_options
 @pass_app
-def resume(app: App, version, max_batches, **pacing):
+def resume(app: App, version, max_batches, shard, parallel, **pacing):
     """Continue a paused or failed backfill from its checkpoint."""
+    shards.refuse_shard_option(app, shard)
+    if shards.shard_map(app) is not None:
+        return shards.run(app, version, shard, parallel, dict(max_batches=max_batches, pacing=_pacing(pacing)))
     _run(app, version, resume=True, max_batches=max_batches, pacing=_pacing(pacing))
 
 
@@ -264,6 +304,9 @@ def _held_by_other(app: App) -> bool:
 @pass_app
 def status(app: App, version, as_json, exact):
     """Position, rows, batch size, progress, rate, ETA, last error and lease."""
+    if shards.shard_map(app) is not None:
+        doc = shards.status_doc(app, version, exact)
+        return click.echo(json.dumps(doc, indent=2, default=str)) if as_json else shards.print_status(doc)
     if _held_by_other(app):
         info = control_for(app).read_status(backfill_id(app.database, version))
         if info is None:
@@ -296,6 +339,7 @@ def status(app: App, version, as_json, exact):
 @backfill.command()
 @click.argument("version", type=int)
 @pass_app
+@shards.fan_out("pause")
 def pause(app: App, version):
     """Stop a running backfill at its next batch boundary."""
     bid = backfill_id(app.database, version)
@@ -312,6 +356,7 @@ def pause(app: App, version):
 @click.argument("version", type=int)
 @click.option("--yes", is_flag=True, help="confirm: progress is forgotten")
 @pass_app
+@shards.fan_out("reset")
 def reset(app: App, version, yes):
     """Forget a backfill's progress so that the next run starts from the beginning."""
     if not yes:
@@ -356,6 +401,7 @@ def _print_validation(version: int, out: dict) -> None:
               help="source rows per range (default 500000, or the stored validation's when resuming)")
 @click.option("--restart", is_flag=True, help="start over instead of resuming a stopped validation")
 @pass_app
+@shards.fan_out("validate")
 def validate(app: App, version, as_json, range_rows, restart):
     """Validate a backfill range by range (resumable); exit non-zero on any mismatch."""
     v = Validation(manager(app), app.database, version, range_rows, restart)

@@ -12,6 +12,7 @@ from migrator.cli import App, pass_app
 from ..errors import BackfillError
 from ..protocol.checkpoint import backfill_id
 from ..protocol.publish import Publisher, reset_refusal
+from . import shards
 from .control import manager_for
 
 
@@ -39,6 +40,7 @@ def refuse_reset_if_published(mgr, database: str, version: int) -> None:
               help="partitions mode: save each partition of the live table into the kept table before replacing it")
 @click.option("--yes", is_flag=True, help="partitions mode: accept that the replaced partitions are not kept")
 @pass_app
+@shards.fan_out("publish")
 def publish(app: App, version, dry_run, keep_replaced, yes):
     """Put a completed, validated rebuild in place of its live table (resumable)."""
     pub = publisher(app, version)
@@ -74,6 +76,7 @@ def publish(app: App, version, dry_run, keep_replaced, yes):
 @click.command()
 @click.argument("version", type=int)
 @pass_app
+@shards.fan_out("unpublish")
 def unpublish(app: App, version):
     """Undo a publish: swap the kept table back (exchange) or restore the kept partitions."""
     pub = publisher(app, version)

@@ -1,6 +1,7 @@
 """Checks before the first batch of a run: what a server or cluster would otherwise get wrong silently.
 
-- a multi-shard cluster holds a different part of the source on each shard: refused, never walked on one;
+- a multi-shard cluster holds a different part of the source on each shard: one manager on one client is
+  refused (the CLI drives one walk per shard instead: ops/shards.py);
 - the HTTP receive timeout must outlast the batch's own timeout, or the client gives up on a batch
   that the server keeps running;
 - SQL that relies on the dedup token alone needs a target whose dedup window covers a replay;
@@ -64,7 +65,8 @@ def check_single_shard(client, cluster: str) -> None:
     if len(rows) > 1:
         shards = "; ".join(f"shard {num}: {', '.join(hosts)}" for num, hosts in rows)
         raise BackfillError(f"--cluster {cluster} has {len(rows)} shards ({shards}); a backfill would copy only the "
-                            f"shard behind --url. Run it against each shard's own URL without --cluster")
+                            f"shard behind --url. 'migrate backfill run' with --cluster and an http(s) --url, or with "
+                            f"--shards URL,URL,..., runs one walk per shard")
 
 
 def receive_timeout(client) -> float | None:
