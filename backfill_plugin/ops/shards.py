@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import click
+from clickhouse_connect.driver.exceptions import Error as ClickHouseError
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from migrator import connection, tracking
@@ -30,12 +31,13 @@ from migrator.cli import App
 from migrator.errors import MigrateError
 
 from ..errors import BackfillError, one_line
-from ..protocol import dedup
 from ..protocol import status as status_
 from ..protocol.checkpoint import backfill_id
+from ..spec import sqlast
 from ..spec.render import read_template
 from .control import manager_for
 from .signals import Signals
+from .upcheck import stand_in_render
 
 DISTRIBUTED_ARGS = re.compile(r"Distributed\(\s*'?([^',\s)]*)'?\s*,\s*'?([^',\s)]*)'?\s*,\s*'?([^',\s)]+)'?")
 
@@ -145,7 +147,8 @@ def schema_problems(walk: Walk, database: str, version: int) -> list[str]:
             f"{walk.label}: version {version} is not applied there (it is at {state.curr_version}); "
             f"run 'migrate up' with the same shards"
         ]
-    target = dedup.target_table(read_template(spec.sql_path).replace("{db}", database), database)
+    template = read_template(spec.sql_path)
+    target = sqlast.parse(mgr.ch_client, stand_in_render(template, database), None, spec.sql_path).target_in(database)
     tables = [("source", (database, spec.meta["source_table"]))] + ([("target", target)] if target else [])
     out = []
     for role, (db, name) in tables:
@@ -174,7 +177,7 @@ def check_ready(walks: list[Walk], database: str, version: int) -> None:
             problems += schema_problems(walk, database, version)
         except BackfillError:
             raise  # the version's files themselves are wrong: the same on every shard
-        except Exception as exc:  # noqa: BLE001 - the shard went away meanwhile: its walk ends, not the others'
+        except ClickHouseError as exc:  # the shard went away meanwhile: its walk ends, not the others'
             walk.error = f"{walk.label}: {describe_error(exc)}"
     if problems:
         raise BackfillError(f"backfill {version} refused before any batch on any shard: " + "; ".join(problems))
