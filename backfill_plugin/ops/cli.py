@@ -322,6 +322,8 @@ def reset(app: App, version, yes):
 
 def _range_text(start, end) -> str:
     after = "from the first key" if start is None else f"after {json.dumps(start, ensure_ascii=False)}"
+    if end is None:  # the last range of a validation: past the last source key too
+        return f"{after} to the end of the key space"
     return f"{after} up to and including {json.dumps(end, ensure_ascii=False)}"
 
 

@@ -264,6 +264,8 @@ class KeySpace:
                                                 f"{literal(self.database)}, {literal(self.table)}) WHERE {where}"))
                 continue
             result = client.query(f"EXPLAIN ESTIMATE SELECT 1 FROM {self.database}.{self.table} WHERE {where}")
+            if "rows" not in result.column_names:  # a table with no parts: nothing to estimate, no columns either
+                continue
             rows = result.column_names.index("rows")
             total += sum(int(r[rows]) for r in result.result_rows)
         return total

@@ -1,0 +1,151 @@
+"""Backfill commands at the edges (issue 33): validation over the whole key space, an empty source, a
+validation that checks nothing, `run --range` bounds, and the control channel acting on the backfill named.
+
+In-process CLI (CliRunner) on the shared store where one process suffices; subprocesses where a second
+process must meet a runner that holds its own embedded store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from migrator.cli import build
+from migrator.scaffold import validation
+
+UP = """CREATE TABLE {{db}}.src (k UInt64, v String) ENGINE = MergeTree ORDER BY k;
+INSERT INTO {{db}}.src SELECT number, toString(number) FROM numbers({rows});
+CREATE TABLE {{db}}.dst (k UInt64, v String) ENGINE = MergeTree ORDER BY k
+    SETTINGS non_replicated_deduplication_window = 1000"""
+SQL = (
+    "INSERT INTO {db}.dst SELECT k, v FROM {db}.src WHERE {batch_range} "
+    "AND ({retry_count} = 0 OR k NOT IN (SELECT k FROM {db}.dst WHERE {batch_range}))"
+)
+META = {
+    "migration_version": 1,
+    "batch_size": 1000,
+    "checkpoint_columns": ["k"],
+    "source_table": "src",
+    "description": "copy src",
+    "min_batch_size": 1,
+}
+# The scaffold's own validation (`migrate new NAME --backfill`), for these two tables.
+VALIDATE = validation(
+    "-- scaffolded\n", "k", "src", "dst", "tuple(*)", "missing_keys_in_target", "duplicate_keys_in_target"
+)
+
+
+@pytest.fixture
+def copy(store_url, db, migrations):
+    """`copy(rows, validate=...)`: a project of one copy backfill; returns its CliRunner `invoke`."""
+
+    def make(rows: int, validate: str = VALIDATE):
+        root = migrations(
+            1, "copy", UP.format(rows=rows), "DROP TABLE {db}.src; DROP TABLE {db}.dst", SQL, META, validate
+        )
+        runner = CliRunner()
+
+        def invoke(*args):
+            return runner.invoke(build(), ["--url", store_url, "--database", db, "--migrations-dir", str(root), *args])
+
+        assert invoke("up").exit_code == 0
+        return invoke
+
+    return make
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def said(result) -> str:
+    """Everything the command said: its output and its one-line error (CliRunner keeps that as the exception)."""
+    return result.output + ("" if result.exception is None else f"error: {result.exception}")
+
+
+# -- 1. validation covers the key space past the last source key ---------------------------------
+
+
+@pytest.mark.parametrize("stray", [99999, 2999 + 1])
+def test_a_target_row_past_the_last_source_key_fails_validation(copy, ch_client, db, stray):
+    invoke = copy(3000)
+    ok(invoke("backfill", "run", "1"))
+    assert (
+        "passed (3 checks, 3 ranges, 3,000 source rows)"
+        in ok(invoke("backfill", "validate", "1", "--range-rows", "1000")).output
+    )
+    ch_client.command(f"INSERT INTO {db}.dst VALUES ({stray}, 'extra')")
+    result = invoke("backfill", "validate", "1", "--range-rows", "1000")
+    assert result.exit_code == 1, result.output
+    assert "error: validation of backfill 1 failed: duplicate_keys_in_target (1 differing ranges)" in said(result)
+    assert (
+        "- after [1999] to the end of the key space (1,000 source rows): duplicate_keys_in_target expected 0 "
+        "actual 1" in result.output
+    )
+    doc = json.loads(invoke("backfill", "validate", "1", "--range-rows", "1000", "--json").stdout)
+    assert [(d["start"], d["end"]) for d in doc["differing_ranges"]] == [([1999], None)]
+
+
+def test_a_target_row_below_the_first_source_key_fails_validation(copy, ch_client, db):
+    invoke = copy(3000)
+    ok(invoke("backfill", "run", "1"))
+    ch_client.command(f"ALTER TABLE {db}.src DELETE WHERE k < 10", settings={"mutations_sync": 2})
+    result = invoke("backfill", "validate", "1", "--range-rows", "1000")
+    assert result.exit_code == 1 and "- from the first key up to and including [1009]" in result.output, result.output
+
+
+# -- 2. an empty source ----------------------------------------------------------------------------
+
+
+def test_an_empty_source_completes_at_once_and_validates_its_target(copy, ch_client, db):
+    invoke = copy(0)
+    listed = json.loads(ok(invoke("backfill", "list", "--json")).output)
+    assert (listed[0]["status"], listed[0]["rows_remaining"]) == ("pending", 0)
+    assert "0 source rows past the position" in ok(invoke("backfill", "run", "1", "--dry-run")).output
+    assert "backfill 1: completed; 0 rows processed (100%)" in ok(invoke("backfill", "run", "1")).output
+    status = json.loads(ok(invoke("backfill", "status", "1", "--json")).output)
+    assert (status["status"], status["rows_processed"], status["progress_percent"]) == ("completed", 0, 100.0)
+    listed = json.loads(ok(invoke("backfill", "list", "--json")).output)
+    assert (listed[0]["status"], listed[0]["rows_processed"], listed[0]["progress_percent"]) == ("completed", 0, 100.0)
+    assert "passed (3 checks, 1 ranges, 0 source rows)" in ok(invoke("backfill", "validate", "1")).output
+    ch_client.command(f"INSERT INTO {db}.dst VALUES (7, 'stray')")
+    result = invoke("backfill", "validate", "1")
+    assert result.exit_code == 1 and "failed: duplicate_keys_in_target" in said(result), said(result)
+    assert "- from the first key to the end of the key space (0 source rows)" in result.output
+
+
+# -- 8. a validation that checks nothing -----------------------------------------------------------
+
+
+def test_a_validation_statement_with_no_rows_fails_saying_so(copy):
+    invoke = copy(100, validate="SELECT 'c' AS check, 0 AS expected, 0 AS actual, 1 AS ok WHERE 0 AND {batch_range}")
+    ok(invoke("backfill", "run", "1"))
+    result = invoke("backfill", "validate", "1")
+    assert result.exit_code == 1
+    assert "statement 1 returned no rows for the range" in said(result)
+    assert "a validation with no checks never passes" in said(result)
+
+
+def test_an_empty_table_is_rebuilt_and_published(store_url, db, migrations, ch_client):
+    """The whole rebuild of an empty table: `new --rebuild`, `up`, `run`, `validate`, `publish`."""
+    root = migrations(
+        1,
+        "events",
+        "CREATE TABLE {db}.events (k UInt64, v String) ENGINE = MergeTree ORDER BY k",
+        "DROP TABLE {db}.events",
+    )
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(build(), ["--url", store_url, "--database", db, "--migrations-dir", str(root), *args])
+
+    ok(invoke("up"))
+    ok(invoke("new", "rebuild_events", "--backfill", "--rebuild", "events"))
+    ok(invoke("up"))
+    assert "backfill 2: completed; 0 rows processed (100%)" in ok(invoke("backfill", "run", "2")).output
+    assert "passed (3 checks, 1 ranges, 0 source rows)" in ok(invoke("backfill", "validate", "2")).output
+    ok(invoke("backfill", "publish", "2"))
+    assert json.loads(ok(invoke("backfill", "status", "2", "--json")).output)["published"] is True
+    assert ch_client.command(f"SELECT count() FROM {db}.events") == 0
