@@ -149,3 +149,52 @@ def test_an_empty_table_is_rebuilt_and_published(store_url, db, migrations, ch_c
     ok(invoke("backfill", "publish", "2"))
     assert json.loads(ok(invoke("backfill", "status", "2", "--json")).output)["published"] is True
     assert ch_client.command(f"SELECT count() FROM {db}.events") == 0
+
+
+# -- 7. run --range: the range asked for, its bounds in the key's types, a whole-table replay confirmed --
+
+
+def test_a_dry_run_of_a_range_shows_that_range(copy):
+    invoke = copy(3000)
+    ok(invoke("backfill", "run", "1", "--max-batches", "1", "--batch-size", "300"))  # the position is [299]
+    out = ok(invoke("backfill", "run", "1", "--range", "[50]..[120]", "--dry-run", "--exact")).output
+    assert "repair of the range after [50] up to and including [120], 70 source rows left in it" in out, out
+    assert "first batch: after [50] up to and including [120] (70 rows)" in out
+    assert "(k > 50" in out and "(k <= 120" in out and "(1 = 0 OR k NOT IN" in out  # the replay's own SQL
+    assert "after [299]" not in out
+
+
+@pytest.mark.parametrize(
+    "bounds, message",
+    [
+        ("[1]..null", "the end is null where a key is needed; leave it empty for an open bound"),
+        ("..null", "the end is null where a key is needed"),
+        ("[-5]..[3]", "--range start [-5]: -5 is not a value of k UInt64"),
+        (
+            "[1]..[18446744073709551616]",
+            "--range end [18446744073709551616]: 18446744073709551616 is not a value of k UInt64",
+        ),
+        ('["x"]..[3]', '--range start ["x"]: "x" is not a value of k UInt64'),
+        ("[null]..[3]", "--range start [null]: null is null where a key is needed of k UInt64"),
+        ("..", "--range .. holds every key of"),
+        ("..[2999]", "--range ..[2999] holds every key of"),
+    ],
+)
+def test_range_bounds_are_checked_in_the_keys_types_in_one_line(copy, ch_client, db, bounds, message):
+    invoke = copy(3000)
+    ok(invoke("backfill", "run", "1"))
+    ch_client.command(f"TRUNCATE TABLE {db}.dst")
+    for dry in ([], ["--dry-run"]):
+        result = invoke("backfill", "run", "1", "--range", bounds, *dry)
+        assert result.exit_code == 1 and message in said(result), said(result)
+        assert "\n" not in str(result.exception)
+    assert ch_client.command(f"SELECT count() FROM {db}.dst") == 0  # nothing was replayed
+
+
+def test_a_whole_table_replay_runs_with_yes(copy, ch_client, db):
+    invoke = copy(3000)
+    ok(invoke("backfill", "run", "1"))
+    ch_client.command(f"ALTER TABLE {db}.dst DELETE WHERE k % 7 = 0", settings={"mutations_sync": 2})
+    out = ok(invoke("backfill", "run", "1", "--range", "..", "--yes")).output
+    assert "range null..null replayed, 3,000 source rows" in out, out
+    assert ch_client.command(f"SELECT count(), uniqExact(k) FROM {db}.dst") == [3000, 3000]

@@ -204,24 +204,35 @@ def _params(values) -> dict:
 @click.option("--param", "params", multiple=True, help="key=value; fixes a param on the first run")
 @click.option("--dry-run", is_flag=True, help="show scope, first range and SQL; write nothing")
 @click.option("--range", "key_range", metavar="START..END", default=None,
-              help="replay only the keys in (START, END], JSON arrays as 'position' shows them (START may be empty)")
+              help="replay only the keys in (START, END], JSON arrays as 'position' shows them (either may be "
+                   "empty: open)")
+@click.option("--yes", is_flag=True, help="with --range: confirm a range that replays every key of the source")
 @click.option("--exact", is_flag=True, help="count the remaining source rows for progress instead of estimating")
 @pacing_options
 @pass_app
-def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact, **pacing):
+def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, yes, exact, **pacing):
     """Run (or continue) a backfill until it completes, or replay one key range of it."""
+    key_range = repair.parse(key_range, whole=yes) if key_range is not None else None
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
-                                                          params=_params(params), dry_run=True, exact=exact))
+                                                          params=_params(params), dry_run=True, exact=exact,
+                                                          key_range=key_range))
         return
     _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params),
-         exact=exact, key_range=repair.parse(key_range) if key_range is not None else None, pacing=_pacing(pacing))
+         exact=exact, key_range=key_range, pacing=_pacing(pacing))
 
 
 def _print_dry_run(version: int, out: dict) -> None:
     """Scope, the first batch's range, the params and the exact SQL of `run --dry-run`."""
     about = "about " if out["rows_remaining_estimated"] else ""
-    click.echo(f"backfill {version}: status {out['status']}, {about}{out['rows_remaining']:,} source rows past the position")
+    fixing = out.get("repair")
+    if fixing:  # a repair walks its own range; the backfill's position does not move
+        click.echo(f"backfill {version}: status {out['status']}; repair of the range "
+                   f"{_range_text(fixing['start'], fixing['end'])}, {about}{out['rows_remaining']:,} source rows "
+                   f"left in it (replayed: rows the target holds are skipped)")
+    else:
+        click.echo(f"backfill {version}: status {out['status']}, {about}{out['rows_remaining']:,} source rows past "
+                   f"the position")
     fb = out["first_batch"]
     if fb is None:
         click.echo("nothing left to do")
