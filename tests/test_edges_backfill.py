@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from migrator.cli import build
 from migrator.scaffold import validation
+from tests.conftest import run_migrate
+from tests.test_backfill_cli import _start_slow_run
 
 UP = """CREATE TABLE {{db}}.src (k UInt64, v String) ENGINE = MergeTree ORDER BY k;
 INSERT INTO {{db}}.src SELECT number, toString(number) FROM numbers({rows});
@@ -198,3 +200,41 @@ def test_a_whole_table_replay_runs_with_yes(copy, ch_client, db):
     out = ok(invoke("backfill", "run", "1", "--range", "..", "--yes")).output
     assert "range null..null replayed, 3,000 source rows" in out, out
     assert ch_client.command(f"SELECT count(), uniqExact(k) FROM {db}.dst") == [3000, 3000]
+
+
+# -- 6. the control channel acts on the backfill named, or refuses in one line ----------------------
+
+
+def test_pause_status_and_resume_through_the_control_channel_act_on_the_backfill_named(tmp_path, migrations):
+    """`run 1` holds the embedded store in a subprocess; other backfills, databases and verbs are refused in one
+    line and leave no request behind; the pause of the running one stops it; a leftover request (a runner that
+    died before its boundary, written here by hand) is discarded by the next run with a warning."""
+    proc, store, root = _start_slow_run(tmp_path, migrations)
+    control = store.with_name("store.control")
+    try:
+        refusals = {
+            ("d", "pause", "99"): "error: backfill d_99 is not the one running (d_1); the store is held by pid",
+            ("d", "pause", "7"): "error: backfill d_7 is not the one running (d_1)",
+            ("nosuchdb", "pause", "1"): "error: backfill nosuchdb_1 is not the one running (d_1)",
+            ("d", "status", "99"): "error: backfill d_99 is not the one running (d_1)",
+            ("d", "resume", "1"): f"error: backfill d_1 is running in runner pid {proc.pid}; nothing to resume",
+        }
+        for (database, verb, version), message in refusals.items():
+            result = run_migrate(["backfill", verb, version], store, database=database, migrations_dir=root)
+            assert result.returncode == 1 and result.stderr.startswith(message), (verb, version, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not list(control.glob("pause-*"))
+        live = run_migrate(["backfill", "status", "1", "--json"], store, migrations_dir=root)
+        assert json.loads(live.stdout)["backfill_id"] == "d_1"
+        paused = run_migrate(["backfill", "pause", "1"], store, migrations_dir=root)
+        assert paused.returncode == 0 and paused.stdout.startswith(f"pause requested for d_1; runner pid {proc.pid}")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "backfill 1: paused;" in out, err
+    (control / "pause-d_1").write_text(json.dumps({"requested_at": 0, "runner_pid": 4242}))
+    resumed = run_migrate(["backfill", "resume", "1"], store, migrations_dir=root)
+    assert resumed.returncode == 0 and "backfill 1: completed" in resumed.stdout, resumed.stderr
+    assert "warning: discarded a pause request for d_1 made at " in resumed.stderr
+    assert "for runner pid 4242, which stopped before it saw it; this run goes on" in resumed.stderr
+    assert not (control / "pause-d_1").exists()

@@ -254,6 +254,11 @@ def _print_dry_run(version: int, out: dict) -> None:
 @pass_app
 def resume(app: App, version, max_batches, **pacing):
     """Continue a paused or failed backfill from its checkpoint."""
+    if _held_by_other(app):  # the store's holder runs it (nothing to resume) or another one: one line either way
+        bid, owner = backfill_id(app.database, version), connection.store_owner(app.target) or {}
+        info = control_for(app).live(bid, owner)
+        raise BackfillError(f"backfill {bid} is {info.get('status')} in runner pid {owner.get('pid')}; nothing to "
+                            f"resume while it holds the store")
     _run(app, version, resume=True, max_batches=max_batches, pacing=_pacing(pacing))
 
 
@@ -275,11 +280,8 @@ def _held_by_other(app: App) -> bool:
 @pass_app
 def status(app: App, version, as_json, exact):
     """Position, rows, batch size, progress, rate, ETA, last error and lease."""
-    if _held_by_other(app):
-        info = control_for(app).read_status(backfill_id(app.database, version))
-        if info is None:
-            raise BackfillError(f"the store is held by another process and it has published no status for "
-                                f"backfill {backfill_id(app.database, version)}")
+    if _held_by_other(app):  # the live file of the backfill named, when the holder runs it; else one line
+        info = control_for(app).live(backfill_id(app.database, version), connection.store_owner(app.target) or {})
         info["source"] = "control channel (live file written by the runner each batch)"
     else:
         info = manager(app).get_status(app.database, version, exact=exact)
@@ -310,9 +312,9 @@ def status(app: App, version, as_json, exact):
 def pause(app: App, version):
     """Stop a running backfill at its next batch boundary."""
     bid = backfill_id(app.database, version)
-    if _held_by_other(app):
-        control_for(app).request_pause(bid)
+    if _held_by_other(app):  # only the backfill the holder runs now; any other is refused in one line
         owner = connection.store_owner(app.target) or {}
+        control_for(app).request_pause(bid, owner)
         click.echo(f"pause requested for {bid}; runner pid {owner.get('pid', '?')} stops at the next batch boundary")
         return
     manager(app).pause_backfill(app.database, version)

@@ -235,7 +235,7 @@ class ClickHouseBackfillManager:
         if batch_size:
             run.checkpoint["current_batch_size"] = int(batch_size)
         if self.control is not None:
-            self.control.take_pause_request(bid)  # a request left while no runner was there is stale
+            self.control.discard_stale_pause(bid)  # for a runner that is gone: said, then dropped
         self._claim(run)
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()
