@@ -217,7 +217,7 @@ class ClickHouseBackfillManager:
         """
         check_identifier(database)
         spec, bid = self.spec(version), backfill_id(database, version)
-        if tracking.read_state(self.ch_client, database).curr_version < version:
+        if version not in tracking.applied_set(tracking.read_state(self.ch_client, database), [version]):
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
         row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
         row.checkpoint = row.checkpoint or new_checkpoint(spec)
