@@ -199,7 +199,7 @@ def test_a_whole_table_replay_runs_with_yes(copy, ch_client, db):
     ch_client.command(f"ALTER TABLE {db}.dst DELETE WHERE k % 7 = 0", settings={"mutations_sync": 2})
     out = ok(invoke("backfill", "run", "1", "--range", "..", "--yes")).output
     assert "range null..null replayed, 3,000 source rows" in out, out
-    assert ch_client.command(f"SELECT count(), uniqExact(k) FROM {db}.dst") == [3000, 3000]
+    assert ch_client.query(f"SELECT count(), uniqExact(k) FROM {db}.dst").result_rows == [(3000, 3000)]
 
 
 # -- 6. the control channel acts on the backfill named, or refuses in one line ----------------------
