@@ -29,8 +29,10 @@
 -- any(cityHash64(x)) = cityHash64(any(x)), and a hashed Nullable(String) equals the hash of the same
 -- String. As in the backfill, a column that two parts of one call set to different non-NULL values
 -- has no single right value (any() picks one), and the demo data and the trace server never do that.
--- Target keys above the last source key lie in no range and are not examined (the backfill never
--- writes there).
+-- 5. extra_keys_in_calls_complete: keys of calls_complete that are no such call of calls_merged and
+--    that started before the dedup window (expected 0): only the backfill writes there, and it
+--    copies only such calls. The framework's first range has no lower bound and its last no upper
+--    bound (an empty source is one range with no bound), so a stray row anywhere lies in a range.
 SELECT c.1 AS check, c.2 AS expected, c.3 AS actual, toUInt8(expected = actual) AS ok
 FROM
 (
@@ -40,12 +42,13 @@ FROM
         sumIf(target_rows, in_scope) AS target_rows_of_source_calls,
         countIf(target_rows > 1) AS duplicate_keys,
         countIf(in_scope AND NOT in_window) AS compared,
-        countIf(in_scope AND NOT in_window AND has(target_hashes, source_hash)) AS equal
+        countIf(in_scope AND NOT in_window AND has(target_hashes, source_hash)) AS equal,
+        countIf(NOT in_scope AND target_before_window) AS extra
     FROM
     (
         SELECT project_id, id,
             max(s) AS in_scope, max(w) AS in_window, max(sh) AS source_hash,
-            sum(t) AS target_rows, groupArrayIf(th, t = 1) AS target_hashes
+            sum(t) AS target_rows, groupArrayIf(th, t = 1) AS target_hashes, max(o) AS target_before_window
         FROM
         (
             SELECT project_id, id, toUInt8(1) AS s,
@@ -53,7 +56,7 @@ FROM
                 cityHash64(tuple(ifNull(h_trace_id, cityHash64('')), h_parent_id, h_thread_id, h_turn_id, ifNull(h_op_name, cityHash64('')),
                     cityHash64(display_name), started_at, ended_at, h_exception, h_attributes_dump, h_inputs_dump, h_output_dump,
                     h_summary_dump, cityHash64(input_refs), cityHash64(output_refs), h_wb_user_id, h_wb_run_id, wb_run_step, wb_run_step_end)) AS sh,
-                toUInt8(0) AS t, toUInt64(0) AS th
+                toUInt8(0) AS t, toUInt64(0) AS th, toUInt8(0) AS o
             FROM
             (
                 SELECT project_id, id,
@@ -78,7 +81,8 @@ FROM
                     cityHash64(op_name), cityHash64(display_name), started_at, ended_at, cityHash64(exception),
                     cityHash64(attributes_dump), cityHash64(inputs_dump), cityHash64(output_dump), cityHash64(summary_dump),
                     cityHash64(input_refs), cityHash64(output_refs), cityHash64(wb_user_id), cityHash64(wb_run_id),
-                    wb_run_step, wb_run_step_end))
+                    wb_run_step, wb_run_step_end)),
+                toUInt8(started_at < parseDateTime64BestEffort('{cutover_timestamp}', 3, 'UTC') - toIntervalSecond({dedup_window_seconds}))
             FROM {db}.calls_complete
             WHERE {batch_range}
         )
@@ -89,5 +93,6 @@ ARRAY JOIN [
     ('missing_in_calls_complete', toUInt64(0), missing),
     ('duplicate_keys_in_calls_complete', toUInt64(0), duplicate_keys),
     ('source_count_equals_target_rows', source_calls, target_rows_of_source_calls),
-    ('rows_equal_source', compared, equal)
+    ('rows_equal_source', compared, equal),
+    ('extra_keys_in_calls_complete', toUInt64(0), extra)
 ] AS c

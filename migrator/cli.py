@@ -80,15 +80,17 @@ def cli():
 
 @cli.command()
 @click.option("--to", type=int, default=None, help="stop after this version")
+@click.option("--allow-missing", is_flag=True,
+              help="also apply versions below the current one that were never applied (in version order)")
 @click.option("--dry-run", is_flag=True, help="print the SQL, change nothing")
 @pass_app
-def up(app: App, to, dry_run):
+def up(app: App, to, allow_missing, dry_run):
     """Apply pending migrations."""
     if app.shards:
         from . import sharded
-        applied = [v for done in sharded.up(app, to, dry_run, click.echo) for v in done]
+        applied = [v for done in sharded.up(app, to, dry_run, click.echo, allow_missing) for v in done]
     else:
-        applied = app.migrator(dry_run).up(to)
+        applied = app.migrator(dry_run).up(to, allow_missing)
         if app.cluster and not dry_run:
             from . import sharded
             sharded.after_cluster_up(app, applied, click.echo)
@@ -127,6 +129,10 @@ def status(app: App, as_json):
     click.echo(f"version:   {st['current_version']}" + ("  (DIRTY: partially applied "
                                                          f"{st['partially_applied_version']})" if st["dirty"] else ""))
     click.echo(f"pending:   {', '.join(map(str, st['pending_versions'])) or 'none'}")
+    if st["missing_versions"]:  # below the current version, never applied: `up` refuses to skip them silently
+        missing = ", ".join(map(str, st["missing_versions"]))
+        click.echo(f"missing:   {missing} (never applied, below version {st['current_version']}; "
+                   f"'migrate up --allow-missing' applies, 'migrate force {st['missing_versions'][0]}' marks applied)")
     if app.cluster and not app.target.embedded:
         from .shards import describe, for_app
         mapped = for_app(app)
@@ -164,8 +170,9 @@ def force(app: App, version):
         sharded.force(app, version, click.echo)
         click.echo(f"forced {app.database} to version {version} on every shard")
         return
-    app.migrator().force(version)
-    click.echo(f"forced {app.database} to version {version}")
+    st = app.migrator().force(version)
+    marked = f"; version {version} marked applied (its up file was not run)" if st.curr_version != version else ""
+    click.echo(f"forced {app.database} to version {st.curr_version}{marked}")
 
 
 @cli.command()

@@ -59,3 +59,13 @@ def run_ddl(client, statement: str, tries: int = DDL_TRIES, delay: float = DDL_F
             if error_code(exc) != CANNOT_ASSIGN_ALTER or attempt == tries - 1:
                 raise
             sleep(delay * 2 ** attempt)
+
+
+def check_cluster(client, cluster: str) -> None:
+    """Before anything is applied: `--cluster NAME` must name a cluster of this server (system.clusters),
+    or every ON CLUSTER statement would fail after the tracking state was touched."""
+    known = [r[0] for r in client.query("SELECT DISTINCT cluster FROM system.clusters ORDER BY cluster").result_rows]
+    if cluster not in known:
+        have = f"it has {', '.join(known)}" if known else "it has none"
+        raise MigrateError(f"--cluster {cluster}: no such cluster on this server (system.clusters; {have}); "
+                           f"nothing applied")

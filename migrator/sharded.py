@@ -47,9 +47,9 @@ def _each(app, step, verb: str, dry_run: bool = False, echo=print) -> list:
     return out
 
 
-def up(app, to, dry_run: bool, echo=print) -> list[list[int]]:
+def up(app, to, dry_run: bool, echo=print, allow_missing: bool = False) -> list[list[int]]:
     """Apply pending versions on each shard in turn (versions applied, per shard)."""
-    return _each(app, lambda m, s: m.up(to), "up", dry_run, echo)
+    return _each(app, lambda m, s: m.up(to, allow_missing), "up", dry_run, echo)
 
 
 def down(app, to, dry_run: bool, echo=print) -> list[list[int]]:
@@ -96,6 +96,7 @@ def after_cluster_up(app, applied: list[int], echo=print) -> None:
         ctx = shard_context(app, shard, echo=echo)
         if tracking.read_state(ctx.client, app.database).curr_version < state.curr_version:
             tracking.ensure_schema(ctx.client)
+            tracking.ensure_applied_column(ctx.client)
             tracking.write_state(ctx.client, app.database, state)
         for version in applied:
             mig = migrations[version]

@@ -73,7 +73,8 @@ SCHEMA = [
         curr_version UInt64,
         partially_applied_version Nullable(UInt64),
         updated_at DateTime64(3) DEFAULT now64(3),
-        version UInt64
+        version UInt64,
+        applied_versions Array(UInt64)
     ) ENGINE = ReplacingMergeTree(version) ORDER BY db_name""",
     f"""CREATE TABLE IF NOT EXISTS {LOCKS} (
         db_name String,
@@ -87,10 +88,14 @@ SCHEMA = [
 # The columns this tool reads and writes; a table of the same name with others is another migrator's.
 SHAPES = {
     MIGRATIONS: {"db_name": "String", "curr_version": "UInt64", "partially_applied_version": "Nullable(UInt64)",
-                 "updated_at": "DateTime64(3)", "version": "UInt64"},
+                 "updated_at": "DateTime64(3)", "version": "UInt64", "applied_versions": "Array(UInt64)"},
     LOCKS: {"db_name": "String", "owner": "String", "claim": "UInt64", "expires_at_ms": "UInt64",
             "released": "UInt8", "version": "UInt64"},
 }
+# The set of applied versions came later: a table of this tool without it is ours too, and gets the
+# column (ADD COLUMN IF NOT EXISTS) from the first command that writes state (`ensure_applied_column`).
+APPLIED = "applied_versions"
+OLDER_SHAPES = {MIGRATIONS: {k: v for k, v in SHAPES[MIGRATIONS].items() if k != APPLIED}}
 _CREATE_RE = re.compile(r"^\s*CREATE\s+(DATABASE|TABLE)\s+IF\s+NOT\s+EXISTS\s+([\w.]+)", re.IGNORECASE)
 
 
@@ -131,7 +136,7 @@ def foreign_tables(client) -> dict[str, dict[str, str]]:
     found = {}
     for table, shape in SHAPES.items():
         cols = table_columns(client, table)
-        if cols and cols != shape:
+        if cols and cols != shape and cols != OLDER_SHAPES.get(table):
             found[table] = cols
     return found
 
@@ -151,35 +156,67 @@ def require_own_schema(client) -> None:
 
 @dataclass
 class State:
-    """What `status` reports: the applied version and a dirty (partially applied) marker."""
+    """What `status` reports: the applied version, a dirty (partially applied) marker, and which
+    versions are applied (None: not recorded, a row written before this tool kept the set)."""
 
     curr_version: int = 0
     partially_applied_version: int | None = None
+    applied: tuple[int, ...] | None = None
 
     @property
     def dirty(self) -> bool:
         return self.partially_applied_version is not None
 
 
+def applied_set(state: State, on_disk) -> frozenset[int]:
+    """The versions applied to a database. A row that records no set (written before the set was kept,
+    or by an older copy of this tool) is read as golang-migrate reads it: every version on disk up to
+    the current one is assumed applied, and the current one is."""
+    if state.applied is not None:
+        return frozenset(state.applied)
+    return frozenset(v for v in on_disk if v <= state.curr_version) | ({state.curr_version} - {0})
+
+
+def with_applied(state: State, applied) -> State:
+    """`state` with an explicit applied set; the current version follows it (its highest, 0 when empty)."""
+    done = tuple(sorted(set(applied)))
+    return State(max(done, default=0), state.partially_applied_version, done)
+
+
 def read_state(client, db_name: str) -> State:
     """The newest state row; no table yet means nothing applied (and creates nothing)."""
     require_own_schema(client)
-    if not int(client.command(f"EXISTS TABLE {MIGRATIONS}")):
+    cols = table_columns(client, MIGRATIONS)
+    if not cols:
         return State()
+    # A row with versions applied records them all; an empty set there is an older row (`applied_set`).
+    applied = APPLIED if APPLIED in cols else "CAST([], 'Array(UInt64)')"
     rows = client.query(
-        f"SELECT curr_version, partially_applied_version FROM {MIGRATIONS} "
+        f"SELECT curr_version, partially_applied_version, {applied} FROM {MIGRATIONS} "
         "WHERE db_name = {db:String} ORDER BY version DESC LIMIT 1", parameters={"db": db_name},
         settings=LATEST_READ).result_rows
-    return State(*rows[0]) if rows else State()
+    if not rows:
+        return State()
+    curr, partial, versions = rows[0]
+    return State(curr, partial, tuple(sorted(versions)) if versions else None)
+
+
+def ensure_applied_column(client, cluster: str | None = None) -> None:
+    """Give a tracking table of this tool's older shape the applied set (no DDL when it has it)."""
+    cols = table_columns(client, MIGRATIONS)
+    if cols and APPLIED not in cols:
+        stmt = f"ALTER TABLE {MIGRATIONS} ADD COLUMN IF NOT EXISTS {APPLIED} Array(UInt64)"
+        run_ddl(client, on_cluster(stmt, cluster, replicated_databases(client) if cluster else frozenset()))
 
 
 def write_state(client, db_name: str, state: State, table: str = MIGRATIONS) -> None:
-    """A new version of the database's row (never a mutation)."""
+    """A new version of the database's row (never a mutation), with its applied set when it has one."""
     insert_row(client, table,
                {"db_name": "String", "curr_version": "UInt64", "partially_applied_version": "Nullable(UInt64)",
-                "version": "UInt64"},
+                "version": "UInt64", APPLIED: "Array(UInt64)"},
                {"db_name": db_name, "curr_version": state.curr_version,
-                "partially_applied_version": state.partially_applied_version, "version": next_version()},
+                "partially_applied_version": state.partially_applied_version, "version": next_version(),
+                APPLIED: list(state.applied or ())},
                settings=QUORUM_WRITE)
 
 

@@ -332,7 +332,7 @@ def backfilled(_sql_client, sdb):
 def test_validation_passes_on_a_correct_backfill(_sql_client, backfilled):
     result = validate(_sql_client, backfilled)
     assert set(result) == {"missing_in_calls_complete", "duplicate_keys_in_calls_complete",
-                           "source_count_equals_target_rows", "rows_equal_source"}
+                           "source_count_equals_target_rows", "rows_equal_source", "extra_keys_in_calls_complete"}
     assert all(ok for _, _, ok in result.values()), result
     assert result["source_count_equals_target_rows"][:2] == (4, 4)
     assert result["rows_equal_source"][:2] == (3, 3)  # 'near' started within the dedup window: not compared
@@ -344,6 +344,26 @@ def test_validation_fails_when_a_row_is_missing(_sql_client, backfilled):
     assert result["missing_in_calls_complete"] == (0, 1, 0)
     assert result["source_count_equals_target_rows"] == (4, 3, 0)
     assert result["rows_equal_source"] == (3, 2, 0)
+
+
+@pytest.mark.parametrize("key", [("z", "past-the-last"), ("a", "before-the-first"), ("p", "between")])
+def test_validation_fails_on_a_stray_target_row_the_new_path_cannot_have_written(_sql_client, backfilled, key):
+    """A calls_complete row with no such call in the source that started before the dedup window: only the
+    backfill writes there. The last range is open above (the framework's), so a row past the last key counts."""
+    c = _sql_client
+    c.command(f"INSERT INTO {backfilled}.calls_complete (project_id, id, trace_id, op_name, started_at, ended_at) "
+              f"VALUES ('{key[0]}', '{key[1]}', 't', 'o', toDateTime64('{CUTOVER_TEXT}', 3, 'UTC') - "
+              f"toIntervalDay(3), now64(3))")
+    assert validate(c, backfilled)["extra_keys_in_calls_complete"] == (0, 1, 0)
+    assert validate(c, backfilled, batch=batch_range(("q", "near"), None))["extra_keys_in_calls_complete"] == \
+        ((0, 1, 0) if key[0] == "z" else (0, 0, 1))
+
+
+def test_a_stray_target_row_with_an_empty_source_fails_validation(_sql_client, sdb):
+    c = _sql_client
+    c.command(f"INSERT INTO {sdb}.calls_complete (project_id, id, trace_id, op_name, started_at, ended_at) VALUES "
+              f"('p', 'x', 't', 'o', toDateTime64('{CUTOVER_TEXT}', 3, 'UTC') - toIntervalDay(3), now64(3))")
+    assert validate(c, sdb)["extra_keys_in_calls_complete"] == (0, 1, 0)
 
 
 def test_validation_fails_when_a_row_is_duplicated(_sql_client, backfilled):

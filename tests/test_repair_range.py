@@ -9,7 +9,7 @@ import pytest
 
 from backfill_plugin import ClickHouseBackfillManager
 from backfill_plugin.errors import BackfillError
-from backfill_plugin.protocol.repair import parse
+from backfill_plugin.protocol.repair import Range, parse
 from tests.conftest import assert_copied_exactly, fingerprint
 
 ROWS = 3000
@@ -65,7 +65,7 @@ def test_repair_restores_exactly_the_range_and_nothing_else(ch_client, db, backf
 def test_a_repair_interrupted_goes_on_when_run_again_and_blocks_other_runs(ch_client, db, backfilled):
     mgr = backfilled()
     damage(ch_client, db, "b BETWEEN 200 AND 2800")
-    whole = (None, ["é", 2999])
+    whole = Range(None, ["é", 2999], whole=True)  # every key: confirmed, as `--yes` does
     first = mgr.run_backfill(db, 1, key_range=whole, batch_size=200, max_batches=2)
     assert first["stopped"] == "max batches" and first["status"] == "paused"
     with pytest.raises(BackfillError, match="unfinished repair"):
@@ -102,12 +102,14 @@ def test_token_only_sql_cannot_repair(ch_client, db, backfilled):
     ('..["p", "id"]', (None, ["p", "id"])),
     ('["a..b", 1]..["c", 2]', (["a..b", 1], ["c", 2])),
     (' [1] .. [2] ', ([1], [2])),
+    ('[1]..', ([1], None)),  # an open end
+    ('..', (None, None)),
 ])
 def test_parse_reads_json_bounds(text, expected):
     assert parse(text) == expected
 
 
-@pytest.mark.parametrize("text", ["[1]", "[1]..", "1..2x", "[1][2]"])
+@pytest.mark.parametrize("text", ["[1]", "1..2x", "[1][2]", "[1]..null", "..null", "null..[2]"])
 def test_parse_rejects_a_malformed_range(text):
     with pytest.raises(BackfillError, match="expected START..END"):
         parse(text)

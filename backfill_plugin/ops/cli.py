@@ -231,33 +231,44 @@ def _params(values) -> dict:
 @click.option("--param", "params", multiple=True, help="key=value; fixes a param on the first run")
 @click.option("--dry-run", is_flag=True, help="show scope, first range and SQL; write nothing")
 @click.option("--range", "key_range", metavar="START..END", default=None,
-              help="replay only the keys in (START, END], JSON arrays as 'position' shows them (START may be empty)")
+              help="replay only the keys in (START, END], JSON arrays as 'position' shows them (either may be "
+                   "empty: open)")
+@click.option("--yes", is_flag=True, help="with --range: confirm a range that replays every key of the source")
 @click.option("--exact", is_flag=True, help="count the remaining source rows for progress instead of estimating")
 @pacing_options
 @shard_options
 @pass_app
-def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, exact, shard, parallel, **pacing):
+def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, yes, exact, shard, parallel,
+        **pacing):
     """Run (or continue) a backfill until it completes, or replay one key range of it."""
     shards.refuse_shard_option(app, shard)
+    key_range = repair.parse(key_range, whole=yes) if key_range is not None else None
     if shards.shard_map(app) is not None:
         kwargs = dict(batch_size=batch_size, params=_params(params), exact=exact)
         if dry_run:
-            return shards.dry_run(app, version, shard, kwargs, _print_dry_run)
+            return shards.dry_run(app, version, shard, dict(kwargs, key_range=key_range), _print_dry_run)
         return shards.run(app, version, shard, parallel, dict(
-            kwargs, max_batches=max_batches, key_range=repair.parse(key_range) if key_range is not None else None,
-            pacing=_pacing(pacing)))
+            kwargs, max_batches=max_batches, key_range=key_range, pacing=_pacing(pacing)))
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
-                                                          params=_params(params), dry_run=True, exact=exact))
+                                                          params=_params(params), dry_run=True, exact=exact,
+                                                          key_range=key_range))
         return
     _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params),
-         exact=exact, key_range=repair.parse(key_range) if key_range is not None else None, pacing=_pacing(pacing))
+         exact=exact, key_range=key_range, pacing=_pacing(pacing))
 
 
 def _print_dry_run(version: int, out: dict) -> None:
     """Scope, the first batch's range, the params and the exact SQL of `run --dry-run`."""
     about = "about " if out["rows_remaining_estimated"] else ""
-    click.echo(f"backfill {version}: status {out['status']}, {about}{out['rows_remaining']:,} source rows past the position")
+    fixing = out.get("repair")
+    if fixing:  # a repair walks its own range; the backfill's position does not move
+        click.echo(f"backfill {version}: status {out['status']}; repair of the range "
+                   f"{_range_text(fixing['start'], fixing['end'])}, {about}{out['rows_remaining']:,} source rows "
+                   f"left in it (replayed: rows the target holds are skipped)")
+    else:
+        click.echo(f"backfill {version}: status {out['status']}, {about}{out['rows_remaining']:,} source rows past "
+                   f"the position")
     fb = out["first_batch"]
     if fb is None:
         click.echo("nothing left to do")
@@ -283,6 +294,11 @@ def resume(app: App, version, max_batches, shard, parallel, **pacing):
     shards.refuse_shard_option(app, shard)
     if shards.shard_map(app) is not None:
         return shards.run(app, version, shard, parallel, dict(max_batches=max_batches, pacing=_pacing(pacing)))
+    if _held_by_other(app):  # the store's holder runs it (nothing to resume) or another one: one line either way
+        bid, owner = backfill_id(app.database, version), connection.store_owner(app.target) or {}
+        info = control_for(app).live(bid, owner)
+        raise BackfillError(f"backfill {bid} is {info.get('status')} in runner pid {owner.get('pid')}; nothing to "
+                            f"resume while it holds the store")
     _run(app, version, resume=True, max_batches=max_batches, pacing=_pacing(pacing))
 
 
@@ -307,11 +323,8 @@ def status(app: App, version, as_json, exact):
     if shards.shard_map(app) is not None:
         doc = shards.status_doc(app, version, exact)
         return click.echo(json.dumps(doc, indent=2, default=str)) if as_json else shards.print_status(doc)
-    if _held_by_other(app):
-        info = control_for(app).read_status(backfill_id(app.database, version))
-        if info is None:
-            raise BackfillError(f"the store is held by another process and it has published no status for "
-                                f"backfill {backfill_id(app.database, version)}")
+    if _held_by_other(app):  # the live file of the backfill named, when the holder runs it; else one line
+        info = control_for(app).live(backfill_id(app.database, version), connection.store_owner(app.target) or {})
         info["source"] = "control channel (live file written by the runner each batch)"
     else:
         info = manager(app).get_status(app.database, version, exact=exact)
@@ -343,9 +356,9 @@ def status(app: App, version, as_json, exact):
 def pause(app: App, version):
     """Stop a running backfill at its next batch boundary."""
     bid = backfill_id(app.database, version)
-    if _held_by_other(app):
-        control_for(app).request_pause(bid)
+    if _held_by_other(app):  # only the backfill the holder runs now; any other is refused in one line
         owner = connection.store_owner(app.target) or {}
+        control_for(app).request_pause(bid, owner)
         click.echo(f"pause requested for {bid}; runner pid {owner.get('pid', '?')} stops at the next batch boundary")
         return
     manager(app).pause_backfill(app.database, version)
@@ -369,6 +382,8 @@ def reset(app: App, version, yes):
 
 def _range_text(start, end) -> str:
     after = "from the first key" if start is None else f"after {json.dumps(start, ensure_ascii=False)}"
+    if end is None:  # the last range of a validation: past the last source key too
+        return f"{after} to the end of the key space"
     return f"{after} up to and including {json.dumps(end, ensure_ascii=False)}"
 
 

@@ -128,6 +128,11 @@ class Validation:
         values = dict(self.values, batch_range=Raw(batch_range)) if batch_range is not None else self.values
         sql, params = render(stmt.sql, values, self.spec.validate_path)
         result = self.manager.ch_client.query(sql, parameters=params or None)
+        if not result.result_rows:  # no rows is no check: it must never read as a pass
+            where = "" if batch_range is None else f" for the range {batch_range}"
+            raise BackfillError(f"{self.spec.validate_path}: statement {self.statements.index(stmt) + 1} returned no "
+                                f"rows{where}; each must return one row per check ({', '.join(ROW_SHAPE)}), "
+                                f"and a validation with no checks never passes")
         missing = [c for c in ROW_SHAPE if c not in result.column_names]
         if missing:
             raise BackfillError(f"{self.spec.validate_path}: a statement returns no column {', '.join(missing)} "
@@ -147,23 +152,32 @@ class Validation:
             if not r["ok"]:
                 c["ok"], c["ranges_failed"] = False, c["ranges_failed"] + 1
 
-    def _next_range(self, position) -> tuple[list, int] | None:
-        """(end, source rows) of the next range, clamped to the position of an unfinished backfill."""
-        client = self.manager.ch_client
+    def _next_range(self, position) -> tuple[list | None, int, bool] | None:
+        """(end, source rows, open above) of the next range, clamped to the position of an unfinished backfill.
+
+        Over the whole key space (a completed backfill) the last range has no upper bound, as the first
+        has no lower one, so target rows past the last source key are in a range too; an empty source
+        is one range with no bound at all (end None). Once past the last range, None.
+        """
+        client, keys = self.manager.ch_client, self.keys
         if self.limit is not None and position == self.limit:
             return None
-        found = self.keys.next_batch(client, position, self.state["range_rows"])
+        if position is None and self.state["ranges_checked"] and self.limit is None:
+            return None  # the one unbounded range of an empty source was checked
+        found = keys.next_batch(client, position, self.state["range_rows"])
         if found is None:
+            if position is None and self.limit is None:  # an empty source: every target row is extra
+                return None, 0, True
             return None
         end, rows = found
         if self.limit is None:
-            return end, rows
-        if end == self.limit or self.keys.at_or_before(client, end, self.limit):
-            return end, rows
+            return end, rows, keys.next_batch(client, end, 1) is None  # the last range is open above
+        if end == self.limit or keys.at_or_before(client, end, self.limit):
+            return end, rows, False
         end = self.limit
-        rows = int(client.command(f"SELECT count() FROM {self.keys.database}.{self.keys.table} "
-                                  f"WHERE {self.keys.range_predicate(position, end)}"))
-        return end, rows
+        rows = int(client.command(f"SELECT count() FROM {keys.database}.{keys.table} "
+                                  f"WHERE {keys.range_predicate(position, end)}"))
+        return end, rows, False
 
     def run(self, on_range=None, should_stop=lambda: False) -> dict:
         """Walk the remaining ranges, then the once-statements; returns the result document."""
@@ -180,20 +194,23 @@ class Validation:
                 st["finished"] = True
                 self._persist()
                 break
-            end, count = step
+            end, count, open_above = step
             start = st["position"]
+            where = self.keys.after(start) if open_above else self.keys.range_predicate(start, end)
             rows = []
             for stmt in ranged:
-                rows.extend(self._query(stmt, self.keys.range_predicate(start, end)))
+                rows.extend(self._query(stmt, where))
             self._tally(rows)
             if not all(r["ok"] for r in rows):
                 st["differences_total"] += 1
                 if len(st["differences"]) < KEPT_DIFFERENCES:
-                    st["differences"].append({"start": start, "end": end, "rows": count, "checks": rows})
+                    st["differences"].append({"start": start, "end": None if open_above else end, "rows": count,
+                                              "checks": rows})
             st["position"], st["ranges_checked"], st["rows_walked"] = end, st["ranges_checked"] + 1, st["rows_walked"] + count
             self._persist()
             if on_range:
-                on_range(self, {"start": start, "end": end, "rows": count, "ok": all(r["ok"] for r in rows)})
+                on_range(self, {"start": start, "end": None if open_above else end, "rows": count,
+                                "ok": all(r["ok"] for r in rows)})
         return self.result(None)
 
     def _persist(self) -> None:
@@ -226,8 +243,10 @@ class Validation:
 
 
 def repair_command(version: int, start, end) -> str:
-    """The command that replays exactly the range (start, end]: keys as `status --json` prints a position."""
-    bound = f"{'' if start is None else json.dumps(start)}..{json.dumps(end)}"
+    """The command that replays exactly the range (start, end]: keys as `status --json` prints a position;
+    an open bound (None) stays empty. A replay copies missing source rows again; it never removes target
+    rows the source does not have (an extra key is deleted from the target by hand)."""
+    bound = f"{'' if start is None else json.dumps(start)}..{'' if end is None else json.dumps(end)}"
     return f"migrate backfill run {version} --range {shlex.quote(bound)}"
 
 

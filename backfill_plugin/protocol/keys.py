@@ -5,7 +5,9 @@ row of a key lands in one batch and the cost depends on the batch, not on how de
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 from ..errors import BackfillError
@@ -264,7 +266,7 @@ class KeySpace:
                                                 f"{literal(self.database)}, {literal(self.table)}) WHERE {where}"))
                 continue
             result = client.query(f"EXPLAIN ESTIMATE SELECT 1 FROM {self.database}.{self.table} WHERE {where}")
-            if not result.result_rows:  # an empty table: over HTTP the answer may carry no columns at all
+            if "rows" not in result.column_names or not result.result_rows:  # no parts: no columns either
                 continue
             rows = result.column_names.index("rows")
             total += sum(int(r[rows]) for r in result.result_rows)
@@ -300,3 +302,19 @@ class KeySpace:
     def ordered(self, client, start: list, end: list) -> bool:
         """`start` < `end` in the table's own order (a repair range must not be empty or reversed)."""
         return bool(client.command(f"SELECT {self._typed(start)} < {self._typed(end)} AS ordered"))
+
+    def cast_point(self, client, point: list) -> tuple[list, list[str]]:
+        """A key typed by hand (a `--range` bound) as the engine reads it: each value cast to its column's
+        type (`accurateCastOrNull`, so -5 on a UInt64 does not wrap), in the form a position holds; and
+        one phrase per value that fits no key of its column (out of range, another type, or null)."""
+        exprs, params = [], {}
+        for i, (col, value) in enumerate(zip(self.columns, point)):
+            typ = re.sub(r"^LowCardinality\((.*)\)$", r"\1", self.types[col])  # LowCardinality cannot be Nullable
+            params.update({f"v{i}": value if isinstance(value, str) else json.dumps(value), f"t{i}": typ})
+            cast = f"accurateCastOrNull({{v{i}:String}}, {{t{i}:String}})"
+            exprs += [f"isNull({cast})", self._exact(col, f"assumeNotNull({cast})")]
+        row = client.query(f"SELECT {', '.join(exprs)}", parameters=params, query_formats=_RAW).result_rows[0]
+        bad = [f"{json.dumps(value)} is {'null where a key is needed' if value is None else 'not a value'} of "
+               f"{col} {self.types[col]}" for i, (col, value) in enumerate(zip(self.columns, point))
+               if value is None or row[2 * i]]
+        return [_decoded(v) for v in row[1::2]], bad

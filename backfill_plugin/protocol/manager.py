@@ -210,22 +210,22 @@ class ClickHouseBackfillManager:
                      pacing: dict | None = None, on_throttle=None) -> dict:
         """Run from the checkpoint until complete, paused, stopped or `max_batches` more batches.
 
-        `key_range` (start or None, end): replay only the keys in (start, end], each exactly once,
+        `key_range` (start, end; None is open): replay only the keys in (start, end], each exactly once,
         e.g. a range that `validate` reported; the backfill's own position does not move.
         `pacing` overrides the meta's pacing fields for this run (`target_batch_seconds`, limits, ...);
         `on_throttle(throttle or None)` hears when the runner starts and stops waiting on a health signal.
         """
         check_identifier(database)
         spec, bid = self.spec(version), backfill_id(database, version)
-        if tracking.read_state(self.ch_client, database).curr_version < version:
+        if version not in tracking.applied_set(tracking.read_state(self.ch_client, database), [version]):
             raise BackfillError(f"version {version} is not applied to database {database!r}; run 'migrate up' first")
         row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
         row.checkpoint = row.checkpoint or new_checkpoint(spec)
         run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row, exact=exact)
+        cp = row.checkpoint
+        repair.start(run, key_range)  # a dry run of a range shows that range (nothing is saved)
         if dry_run:
             return run.dry_run(params, batch_size)
-        cp = row.checkpoint
-        repair.start(run, key_range)
         cp["params"] = params_.resolve(self.ch_client, spec, database, params, cp.get("params"), cp.get("previous_params"))
         if row.status == "completed" and key_range is None:
             return {**summarize(row, spec), "stopped": "already completed"}
@@ -235,7 +235,7 @@ class ClickHouseBackfillManager:
         if batch_size:
             run.checkpoint["current_batch_size"] = int(batch_size)
         if self.control is not None:
-            self.control.take_pause_request(bid)  # a request left while no runner was there is stale
+            self.control.discard_stale_pause(bid)  # for a runner that is gone: said, then dropped
         self._claim(run)
         heartbeat = Heartbeat(self._beat)
         heartbeat.start()

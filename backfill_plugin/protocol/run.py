@@ -125,14 +125,15 @@ class Run:
         cp["params"] = params_.resolve(self.client, self.spec, row.db_name, params, cp.get("params"),
                                        cp.get("previous_params"))
         size = int(batch_size or cp["current_batch_size"])
-        batch = self.in_flight
+        batch, position = self.in_flight, self.checkpoint.get("position")  # a repair's own, in its range
         if batch is None:
-            found = keys.next_batch(self.client, cp.get("position"), size)
-            batch = found and Batch(cp.get("position"), found[0], found[1], size)
-        out = {**summarize(row, self.spec), "rows_remaining": remaining(self.client, keys, cp.get("position"), self.exact),
-               "rows_remaining_estimated": not self.exact,
+            found = keys.next_batch(self.client, position, size, until=self.until)
+            batch = found and Batch(position, found[0], found[1], size)
+        out = {**summarize(row, self.spec), "rows_remaining": remaining(self.client, keys, position, self.exact,
+                                                                        self.until),
+               "rows_remaining_estimated": not self.exact, "repair": cp.get("repair") if self.scope else None,
                "first_batch": batch.to_json() if batch else None, "sql": None, "sql_parameters": None}
-        sql, params = self.render(batch or self.check_batch(), 0)
+        sql, params = self.render(batch or self.check_batch(), int(bool(self.scope)))  # a repair replays every batch
         sqlcheck.explain(self.client, sql, params, self.spec.sql_path)
         if batch:
             out["sql"], out["sql_parameters"] = sql, params
