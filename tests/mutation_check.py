@@ -95,6 +95,13 @@ MUTATIONS = [
     ("kept copy taken again on a replay", "backfill_plugin/protocol/publish.py",
      'flight["live_had_it"] and not flight.get("kept"):', 'flight["live_had_it"]:',
      [T + "test_publish.py", "-k", "half_replaced"]),
+    # Watching a backfill (issue 32): the history and the metrics plugin.
+    ("history row of a committed batch dropped", "backfill_plugin/ops/history.py",
+     "    else:\n        rows.append(row)", '    elif event["outcome"] != "committed":\n        rows.append(row)',
+     [T + "test_history_metrics.py", "-k", "kill_9"]),
+    ("metrics rows counter not incremented", "backfill_metrics/exporter.py",
+     'self.m["rows_total"].labels(*labels).inc(batch["rows"])', 'self.m["rows_total"].labels(*labels).inc(0)',
+     [T + "test_history_metrics.py", "-k", "scraped"]),
 ]
 
 

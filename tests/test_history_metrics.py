@@ -186,8 +186,9 @@ def test_kill_9_then_resume_history_shows_the_replay_and_sums_to_rows_processed(
     doc = history(project)
     committed = [e for e in doc["events"] if e["outcome"] == "committed"]
     second = [e for e in committed if e["batch_number"] == 2]
-    assert [e["replay"] for e in second] == [False, True], second  # the first commit, then its replay
-    assert second[0]["range_end"] == second[1]["range_end"] and second[0]["runner"] != second[1]["runner"]
+    # The replay, by the second runner; the first commit too, unless the kill came before the writer wrote it.
+    assert [e["replay"] for e in second] in ([False, True], [True]), second
+    assert len({json.dumps(e["range_end"]) for e in second}) == 1 and second[-1]["runner"] != killed_runner(doc)
     ranges = {json.dumps([e["range_start"], e["range_end"]]): e["rows"] for e in committed}
     assert sum(ranges.values()) == doc["rows_processed"] == doc["committed_rows"] == ROWS
     assert doc["committed_ranges"] == len(ranges) == ROWS // 500
@@ -200,6 +201,11 @@ def test_kill_9_then_resume_history_shows_the_replay_and_sums_to_rows_processed(
         "db_management.backfill_history GROUP BY ALL HAVING uniqExact(recorded_at) > 1",
     )[0]
     assert per_batch == []
+
+
+def killed_runner(doc: dict) -> str:
+    """The runner of batch 1 (the killed process: batch 1 was written long before the kill)."""
+    return next(e["runner"] for e in doc["events"] if e["batch_number"] == 1)
 
 
 def test_history_records_retries_and_is_created_only_by_commands_that_write(project):

@@ -6,19 +6,28 @@ third party's would be: it hears `backfill_batch_attempted` and writes through t
 backfill's checkpoint (`backfill.client`), so on a shard the history lands on the shard the walk runs on.
 
 One INSERT per batch at most: the events of a batch (its throttle waits, retries, halvings) are buffered and
-written together with its last attempt (committed, failed or refused), or when the runner stops. A synchronous
-INSERT, not `async_insert`: a batch's rows are on disk before the next batch starts, so a kill -9 loses at most
-the attempts of the batch it interrupted, and the replay of that batch is recorded by the next run.
+handed over together with its last attempt (committed, failed or refused), or when the runner stops. A writer
+thread of its own, on a handle of its own, runs that INSERT beside the next batch's, so it costs the batch loop
+nothing (an INSERT into a MergeTree writes a part: tens of ms on a busy machine; bench/bench_overhead.py); when
+the runner stops, its rows are written before the command returns. Not `async_insert`: on the embedded store its
+buffer lives in the runner's process and a kill -9 would lose every batch of its flush interval, while here a
+kill -9 loses at most the rows whose INSERT had not finished (the batch it interrupted, and rarely the one
+before); a replayed batch is recorded again by the next run, with `replay` true.
 Insert-only MergeTree with a TTL: nothing ever updates a row, and old runs age out on their own.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
+import threading
 
 from migrator import hookimpl
 from migrator.tracking import ensure_schema
+
+from ..protocol.checkpoint import state_client
 
 log = logging.getLogger("backfill")
 
@@ -74,10 +83,11 @@ TYPES = {
 COLUMNS = list(TYPES)
 STRUCTURE = ", ".join(f"{name} {typ}" for name, typ in TYPES.items())  # stated: inference would read text as dates
 FINAL = ("committed", "failed", "refused")  # the last attempt of a batch: its buffered events are written then
-MAX_BUFFERED = 1000  # rows kept for a later write while the history cannot be written
+STOP_WAIT_SECONDS = 30.0  # how long a stopping runner waits for its history rows to be written
 
-_buffers: dict[str, list[dict]] = {}  # backfill_id -> rows not written yet
+_buffers: dict[str, list[dict]] = {}  # backfill_id -> rows not handed to the writer yet
 _ready: dict[int, object] = {}  # id(client) -> client whose history table is known to exist
+_handles: dict[int, tuple] = {}  # id(checkpoint client) -> (it, the writer's handle on the same store or server)
 
 
 def _json(value) -> str | None:
@@ -122,17 +132,62 @@ def write(client, rows: list[dict]) -> None:
     )
 
 
-def flush(backfill) -> None:
-    """Write what is buffered for `backfill`; a failure keeps the rows for the next write and never stops the
-    backfill (the history is a record of the run, not part of its promise)."""
+class Writer:
+    """The thread that runs the history INSERTs: rows queued while one runs go into the next, together."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def submit(self, client, rows: list[dict]) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True, name="backfill-history")
+                self.thread.start()
+        self.queue.put((client, rows))
+
+    def _run(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            by_client: dict[int, tuple] = {}
+            for client, rows in items:
+                by_client.setdefault(id(client), (client, []))[1].extend(rows)
+            for client, rows in by_client.values():
+                try:
+                    write(client, rows)
+                except Exception as exc:  # the history is a record of the run, never a reason to stop it
+                    log.warning("%s batch history rows not written: %s", len(rows), exc)
+            for _ in items:
+                self.queue.task_done()
+
+    def wait(self, timeout: float = STOP_WAIT_SECONDS) -> bool:
+        """Until every submitted row is written (True), or `timeout` passed."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self.queue.join(), done.set()), daemon=True).start()
+        return done.wait(timeout)
+
+
+_writer = Writer()
+atexit.register(_writer.wait)  # a run that ends without a status change (a lost lease) still writes its rows
+
+
+def _handle(client):
+    """The writer's own handle: an embedded store's handle runs one query at a time (checkpoint.state_client)."""
+    if id(client) not in _handles:
+        _handles[id(client)] = (client, state_client(client))
+    return _handles[id(client)][1]
+
+
+def flush(backfill, wait: bool = False) -> None:
+    """Hand what is buffered for `backfill` to the writer; with `wait`, return once it is written."""
     rows = _buffers.pop(backfill.backfill_id, None)
-    if not rows or backfill.client is None:
-        return
-    try:
-        write(backfill.client, rows)
-    except Exception as exc:
-        log.warning("batch history of %s not written (%s); kept for the next batch", backfill.backfill_id, exc)
-        _buffers[backfill.backfill_id] = rows[-MAX_BUFFERED:] + _buffers.get(backfill.backfill_id, [])
+    if rows and backfill.client is not None:
+        _writer.submit(_handle(backfill.client), rows)
+    if wait:
+        _writer.wait()
 
 
 @hookimpl
@@ -157,7 +212,7 @@ def backfill_batch_attempted(backfill, event):
 def backfill_status_changed(backfill, status, error):
     """A runner that stops (a pause during a throttle wait, a signal between retries) writes what it buffered."""
     if status != "running":
-        flush(backfill)
+        flush(backfill, wait=True)
 
 
 # -- reading ---------------------------------------------------------------------------------------------
