@@ -321,12 +321,13 @@ WATCH_EXIT = {"completed": 0, "paused": 3, "failed": 4}  # how `status --watch` 
 def _watch(app: App, version: int, exact: bool, seconds: float) -> int:
     """Redraw the status until the backfill is completed, paused or failed; on a terminal in place (rich Live),
     otherwise as plain blocks, one each time it changed."""
-    info = _status_info(app, version, exact)
+    managers = []  # one manager for the whole watch (each opens a handle on an embedded store)
+    info = _status_info(app, version, exact, managers)
     if sys.stdout.isatty():
         with Live(Text(_status_text(info)), console=Console(), auto_refresh=False) as live:
             while info["status"] not in WATCH_EXIT:
                 time.sleep(seconds)
-                info = _status_info(app, version, exact)
+                info = _status_info(app, version, exact, managers)
                 live.update(Text(_status_text(info)), refresh=True)
     else:
         shown = None
@@ -338,13 +339,14 @@ def _watch(app: App, version: int, exact: bool, seconds: float) -> int:
             if info["status"] in WATCH_EXIT:
                 break
             time.sleep(seconds)
-            info = _status_info(app, version, exact)
+            info = _status_info(app, version, exact, managers)
     click.echo(f"backfill {version}: {info['status']}")
     return WATCH_EXIT[info["status"]]
 
 
-def _status_info(app: App, version: int, exact: bool) -> dict:
-    """The status document, from the tracking table, or from the runner's live file while it holds the store."""
+def _status_info(app: App, version: int, exact: bool, managers: list | None = None) -> dict:
+    """The status document, from the tracking table, or from the runner's live file while it holds the store.
+    `managers` keeps the one manager of a watch."""
     if _held_by_other(app):
         info = control_for(app).read_status(backfill_id(app.database, version))
         if info is None:
@@ -352,7 +354,10 @@ def _status_info(app: App, version: int, exact: bool) -> dict:
                                 f"backfill {backfill_id(app.database, version)}")
         info["source"] = "control channel (live file written by the runner each batch)"
     else:
-        info = manager(app).get_status(app.database, version, exact=exact)
+        mgr = managers[0] if managers else manager(app)
+        if managers is not None and not managers:
+            managers.append(mgr)
+        info = mgr.get_status(app.database, version, exact=exact)
         info["source"] = "tracking table"
         info["history"] = history_.read(app.client, app.database, version, last=STATUS_HISTORY)
     return info

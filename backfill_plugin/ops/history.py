@@ -27,6 +27,7 @@ import threading
 from migrator import hookimpl
 from migrator.tracking import ensure_schema
 
+from ..errors import error_code
 from ..protocol.checkpoint import state_client
 
 log = logging.getLogger("backfill")
@@ -83,11 +84,12 @@ TYPES = {
 COLUMNS = list(TYPES)
 STRUCTURE = ", ".join(f"{name} {typ}" for name, typ in TYPES.items())  # stated: inference would read text as dates
 FINAL = ("committed", "failed", "refused")  # the last attempt of a batch: its buffered events are written then
+UNKNOWN_TABLE = 60
 STOP_WAIT_SECONDS = 30.0  # how long a stopping runner waits for its history rows to be written
 
 _buffers: dict[str, list[dict]] = {}  # backfill_id -> rows not handed to the writer yet
 _ready: dict[int, object] = {}  # id(client) -> client whose history table is known to exist
-_handles: dict[int, tuple] = {}  # id(checkpoint client) -> (it, the writer's handle on the same store or server)
+_handles: dict[object, tuple] = {}  # id(checkpoint client) -> (it, the writer's handle on the same store or server)
 
 
 def _json(value) -> str | None:
@@ -125,6 +127,16 @@ def write(client, rows: list[dict]) -> None:
         ensure_schema(client, None, schema=SCHEMA)
         _ready[id(client)] = client
     data = "\n".join(json.dumps({c: r[c] for c in COLUMNS}) for r in rows)
+    try:
+        _insert(client, data)
+    except Exception as exc:
+        if error_code(exc) != UNKNOWN_TABLE:
+            raise
+        ensure_schema(client, None, schema=SCHEMA)  # dropped since this process created it (a test, an operator)
+        _insert(client, data)
+
+
+def _insert(client, data: str) -> None:
     client.command(
         f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT * REPLACE (toDateTime64(started_at, 3) AS "
         f"started_at) FROM format(JSONEachRow, '{STRUCTURE}', {{rows:String}})",
@@ -175,10 +187,12 @@ atexit.register(_writer.wait)  # a run that ends without a status change (a lost
 
 
 def _handle(client):
-    """The writer's own handle: an embedded store's handle runs one query at a time (checkpoint.state_client)."""
-    if id(client) not in _handles:
-        _handles[id(client)] = (client, state_client(client))
-    return _handles[id(client)][1]
+    """The writer's own handle: an embedded store's handle runs one query at a time (checkpoint.state_client);
+    one per store path, however many managers a process makes. A server client is shared as it is."""
+    key = getattr(client, "path", None) or id(client)
+    if key not in _handles:
+        _handles[key] = (client, state_client(client))
+    return _handles[key][1]
 
 
 def flush(backfill, wait: bool = False) -> None:
