@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale clean
+.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale bench-overhead clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-narrow: $(STAMP)
 # 25 GB of free disk in $TMPDIR.
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_021.py --calls 2000000 --scale --variants deferred $(ARGS)
+
+# bench-overhead: the framework's time between two batch INSERTs, with and without the batch history (about 1 minute).
+bench-overhead: $(STAMP)
+	$(BIN)/python bench/bench_overhead.py $(ARGS)
 
 clean:
 	rm -rf .demo .chdb .chdb.control .chhttp

@@ -9,6 +9,7 @@ alternating; the budget is 30 ms per batch (issue 32). This is a script, not a t
 
     python bench/bench_overhead.py [--rows 200000] [--batch-size 2000] [--rounds 2] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def write_migrations(root: Path, rows: int, batch_size: int) -> None:
 
 
 def one_run(client, root: Path, database: str, history: bool) -> dict:
-    Migrator(Context(client=client, database=database, migrations_dir=root, cluster=None, dry_run=False,
-                     echo=lambda line: None)).up()
+    Migrator(
+        Context(
+            client=client, database=database, migrations_dir=root, cluster=None, dry_run=False, echo=lambda line: None
+        )
+    ).up()
     plugin = pm.get_plugin("backfill_history")
     if not history and plugin is not None:
         pm.unregister(plugin)
@@ -80,9 +84,14 @@ def one_run(client, root: Path, database: str, history: bool) -> dict:
             pm.register(plugin, name="backfill_history")
     assert result["status"] == "completed", result
     ms = sorted(gaps.gaps_ms())
-    return {"history": history, "batches": result["batches_completed"], "wall_s": round(wall, 2),
-            "gap_median_ms": round(statistics.median(ms), 1), "gap_p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
-            "gap_mean_ms": round(statistics.fmean(ms), 1)}
+    return {
+        "history": history,
+        "batches": result["batches_completed"],
+        "wall_s": round(wall, 2),
+        "gap_median_ms": round(statistics.median(ms), 1),
+        "gap_p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
+        "gap_mean_ms": round(statistics.fmean(ms), 1),
+    }
 
 
 def main() -> int:
@@ -105,10 +114,15 @@ def main() -> int:
                 results.append(one_run(client, root, f"b{n}_{int(history)}", history))
     with_h = [r for r in results if r["history"]]
     without = [r for r in results if not r["history"]]
-    summary = {"rows": args.rows, "batch_size": args.batch_size, "runs": results,
-               "median_gap_ms_without": statistics.median(r["gap_median_ms"] for r in without),
-               "median_gap_ms_with": statistics.median(r["gap_median_ms"] for r in with_h),
-               "p95_gap_ms_with": max(r["gap_p95_ms"] for r in with_h), "budget_ms": BUDGET_MS}
+    summary = {
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "runs": results,
+        "median_gap_ms_without": statistics.median(r["gap_median_ms"] for r in without),
+        "median_gap_ms_with": statistics.median(r["gap_median_ms"] for r in with_h),
+        "p95_gap_ms_with": max(r["gap_p95_ms"] for r in with_h),
+        "budget_ms": BUDGET_MS,
+    }
     summary["history_cost_ms"] = round(summary["median_gap_ms_with"] - summary["median_gap_ms_without"], 1)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -116,11 +130,15 @@ def main() -> int:
     print(f"{args.rows:,} rows, batches of {args.batch_size:,}; framework time between two batch INSERTs")
     print(f"{'history':8} {'batches':>8} {'wall s':>8} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8}")
     for r in results:
-        print(f"{'on' if r['history'] else 'off':8} {r['batches']:>8} {r['wall_s']:>8} {r['gap_median_ms']:>10} "
-              f"{r['gap_p95_ms']:>8} {r['gap_mean_ms']:>8}")
-    print(f"median gap: {summary['median_gap_ms_without']} ms without history, {summary['median_gap_ms_with']} ms "
-          f"with (the history costs {summary['history_cost_ms']} ms a batch); budget {BUDGET_MS:.0f} ms: "
-          f"{'within' if summary['median_gap_ms_with'] <= BUDGET_MS else 'OVER'}")
+        print(
+            f"{'on' if r['history'] else 'off':8} {r['batches']:>8} {r['wall_s']:>8} {r['gap_median_ms']:>10} "
+            f"{r['gap_p95_ms']:>8} {r['gap_mean_ms']:>8}"
+        )
+    print(
+        f"median gap: {summary['median_gap_ms_without']} ms without history, {summary['median_gap_ms_with']} ms "
+        f"with (the history costs {summary['history_cost_ms']} ms a batch); budget {BUDGET_MS:.0f} ms: "
+        f"{'within' if summary['median_gap_ms_with'] <= BUDGET_MS else 'OVER'}"
+    )
     return 0
 
 
