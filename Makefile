@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale bench-shards clean
+.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale bench-shards bench-overhead clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -86,6 +86,10 @@ bench-scale: $(STAMP)
 # where the cores allow); wall time and total rows/s as ratios against one shard (about 1 minute).
 bench-shards: $(STAMP)
 	$(BIN)/python bench/bench_shards.py $(ARGS)
+
+# bench-overhead: the framework's time between two batch INSERTs, with and without the batch history (about 1 minute).
+bench-overhead: $(STAMP)
+	$(BIN)/python bench/bench_overhead.py $(ARGS)
 
 clean:
 	rm -rf .demo .chdb .chdb.control .chhttp

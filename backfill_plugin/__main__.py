@@ -4,7 +4,7 @@ import click
 from migrator.cli import global_options, run
 from migrator.plugins import load_plugins
 
-from .ops.cli import backfill
+from .ops.cli import add_plugin_options, backfill
 
 
 @click.group(cls=click.Group, commands=backfill.commands, help=backfill.help)
@@ -16,4 +16,5 @@ def main():
 
 if __name__ == "__main__":
     load_plugins()
+    add_plugin_options()
     run(main)

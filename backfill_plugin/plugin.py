@@ -8,7 +8,7 @@ from __future__ import annotations
 from migrator import hookimpl
 
 from . import hookspecs
-from .ops.cli import backfill
+from .ops.cli import add_plugin_options, backfill
 from .ops.control import manager_for
 from .ops.upcheck import check_pending
 
@@ -29,7 +29,8 @@ def _for_context(context):
 
 @hookimpl
 def register_commands(cli):
-    """The `migrate backfill ...` group."""
+    """The `migrate backfill ...` group, with the options other plugins add to `run` and `resume`."""
+    add_plugin_options()
     cli.add_command(backfill)
 
 

@@ -187,6 +187,13 @@ MUTATIONS = [
     ("--cluster not checked against system.clusters", "migrator/runner.py",
      "            clustering.check_cluster(self.ctx.client, self.ctx.cluster)\n", "",
      [T + "test_edges_migrator.py", "-k", "unknown_cluster"]),
+    # Watching a backfill (issue 32): the history and the metrics plugin.
+    ("history row of a committed batch dropped", "backfill_plugin/ops/history.py",
+     "    else:\n        rows.append(row)", '    elif event["outcome"] != "committed":\n        rows.append(row)',
+     [T + "test_history_metrics.py", "-k", "kill_9"]),
+    ("metrics rows counter not incremented", "backfill_metrics/exporter.py",
+     'self.m["rows_total"].labels(*labels).inc(batch["rows"])', 'self.m["rows_total"].labels(*labels).inc(0)',
+     [T + "test_history_metrics.py", "-k", "scraped"]),
 ]
 
 

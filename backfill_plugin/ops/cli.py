@@ -1,23 +1,29 @@
 """`migrate backfill ...`: the operator's interface for multi-hour backfills."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 
 import click
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from migrator import connection
 from migrator.cli import App, pass_app
+from migrator.plugins import pm
 
 from ..errors import BackfillError
 from ..protocol import repair
 from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
+from ..protocol.run import BackfillView
 from ..spec.meta import PACING, parse_override
+from . import history as history_
 from . import shards
 from .control import ControlChannel, manager_for
 from .publish import publish, refuse_reset_if_published, unpublish
@@ -125,7 +131,18 @@ def shard_options(command):
     return command
 
 
-def _run(app: App, version: int, resume: bool, **kwargs) -> None:
+@contextlib.contextmanager
+def _plugin_contexts(mgr, app: App, version: int, options: dict):
+    """What plugins hold while the run lasts (`backfill_run_context`: e.g. the metrics endpoint)."""
+    view = BackfillView(backfill_id(app.database, version), version, app.database, mgr.spec(version).meta)
+    with contextlib.ExitStack() as held:
+        for ctx in pm.hook.backfill_run_context(backfill=view, options=options):
+            if ctx is not None:
+                held.enter_context(ctx)
+        yield
+
+
+def _run(app: App, version: int, resume: bool, options: dict | None = None, **kwargs) -> None:
     mgr = manager(app)
     tty = sys.stdout.isatty()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -160,7 +177,8 @@ def _run(app: App, version: int, resume: bool, **kwargs) -> None:
     started = time.time()
     with Signals("stopping after the current batch (send again to stop now; the interrupted batch is replayed "
                  "on resume)", f"stopped inside a batch; its range is replayed on resume. Resume with 'migrate "
-                 f"backfill resume {version}'", mgr.request_stop, mgr.abandon_batch) as signals, progress:
+                 f"backfill resume {version}'", mgr.request_stop, mgr.abandon_batch) as signals, \
+            _plugin_contexts(mgr, app, version, options or {}), progress:
         call = mgr.resume_backfill if resume else mgr.run_backfill
         result = call(app.database, version, on_batch=on_batch, on_throttle=on_throttle, **kwargs)
     elapsed = time.time() - started
@@ -200,6 +218,24 @@ def pacing_options(command):
         command = click.option("--" + field.replace("_", "-"), field, default=None, metavar="VALUE",
                                help=PACING_HELP[field])(command)
     return command
+
+
+def add_plugin_options() -> None:
+    """The options plugins add to `run` and `resume` (`backfill_run_options`), added once; their values reach
+    `backfill_run_context`, not the pacing."""
+    if hasattr(run, "plugin_options"):
+        return
+    run.plugin_options = resume.plugin_options = []
+    for options in pm.hook.backfill_run_options():
+        for option in options or []:
+            run.params.append(option)
+            resume.params.append(option)
+            run.plugin_options.append(option.name)
+
+
+def _plugin_values(values: dict) -> dict:
+    """Take the plugin options' values out of the command's keyword arguments."""
+    return {name: values.pop(name) for name in getattr(run, "plugin_options", []) if name in values}
 
 
 def _pacing(values: dict) -> dict:
@@ -249,13 +285,14 @@ def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, 
             return shards.dry_run(app, version, shard, dict(kwargs, key_range=key_range), _print_dry_run)
         return shards.run(app, version, shard, parallel, dict(
             kwargs, max_batches=max_batches, key_range=key_range, pacing=_pacing(pacing)))
+    options = _plugin_values(pacing)
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
                                                           params=_params(params), dry_run=True, exact=exact,
                                                           key_range=key_range))
         return
     _run(app, version, resume=False, max_batches=max_batches, batch_size=batch_size, params=_params(params),
-         exact=exact, key_range=key_range, pacing=_pacing(pacing))
+         exact=exact, key_range=key_range, pacing=_pacing(pacing), options=options)
 
 
 def _print_dry_run(version: int, out: dict) -> None:
@@ -299,7 +336,8 @@ def resume(app: App, version, max_batches, shard, parallel, **pacing):
         info = control_for(app).live(bid, owner)
         raise BackfillError(f"backfill {bid} is {info.get('status')} in runner pid {owner.get('pid')}; nothing to "
                             f"resume while it holds the store")
-    _run(app, version, resume=True, max_batches=max_batches, pacing=_pacing(pacing))
+    options = _plugin_values(pacing)
+    _run(app, version, resume=True, options=options, max_batches=max_batches, pacing=_pacing(pacing))
 
 
 def _held_by_other(app: App) -> bool:
@@ -317,21 +355,73 @@ def _held_by_other(app: App) -> bool:
 @click.argument("version", type=int)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--exact", is_flag=True, help="count remaining source rows instead of estimating them from the index")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="redraw every SECONDS (default 2) until the backfill stops; exit 0 completed, "
+                                       "3 paused, 4 failed (put it after VERSION)")
 @pass_app
-def status(app: App, version, as_json, exact):
+def status(app: App, version, as_json, exact, watch):
     """Position, rows, batch size, progress, rate, ETA, last error and lease."""
     if shards.shard_map(app) is not None:
         doc = shards.status_doc(app, version, exact)
         return click.echo(json.dumps(doc, indent=2, default=str)) if as_json else shards.print_status(doc)
+    if watch is not None:
+        sys.exit(_watch(app, version, exact, watch))
+    info = _status_info(app, version, exact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(_status_text(info))
+
+
+WATCH_EXIT = {"completed": 0, "paused": 3, "failed": 4}  # how `status --watch` ends: the backfill's outcome
+
+
+def _watch(app: App, version: int, exact: bool, seconds: float) -> int:
+    """Redraw the status until the backfill is completed, paused or failed; on a terminal in place (rich Live),
+    otherwise as plain blocks, one each time it changed."""
+    managers = []  # one manager for the whole watch (each opens a handle on an embedded store)
+    info = _status_info(app, version, exact, managers)
+    if sys.stdout.isatty():
+        with Live(Text(_status_text(info)), console=Console(), auto_refresh=False) as live:
+            while info["status"] not in WATCH_EXIT:
+                time.sleep(seconds)
+                info = _status_info(app, version, exact, managers)
+                live.update(Text(_status_text(info)), refresh=True)
+    else:
+        shown = None
+        while True:
+            text = _status_text(info)
+            if text != shown:
+                click.echo(text + "\n")
+                shown = text
+            if info["status"] in WATCH_EXIT:
+                break
+            time.sleep(seconds)
+            info = _status_info(app, version, exact, managers)
+    click.echo(f"backfill {version}: {info['status']}")
+    return WATCH_EXIT[info["status"]]
+
+
+def _status_info(app: App, version: int, exact: bool, managers: list | None = None) -> dict:
+    """The status document, from the tracking table, or from the runner's live file while it holds the store.
+    `managers` keeps the one manager of a watch."""
     if _held_by_other(app):  # the live file of the backfill named, when the holder runs it; else one line
         info = control_for(app).live(backfill_id(app.database, version), connection.store_owner(app.target) or {})
         info["source"] = "control channel (live file written by the runner each batch)"
     else:
-        info = manager(app).get_status(app.database, version, exact=exact)
+        mgr = managers[0] if managers else manager(app)
+        if managers is not None and not managers:
+            managers.append(mgr)
+        info = mgr.get_status(app.database, version, exact=exact)
         info["source"] = "tracking table"
-    if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
-        return
+        info["history"] = history_.read(app.client, app.database, version, last=STATUS_HISTORY)
+    return info
+
+
+STATUS_HISTORY = 5  # the last events `status` shows (`history` shows more)
+
+
+def _status_text(info: dict) -> str:
     state = f"{info['status']} (throttled)" if info.get("throttled") else info["status"]
     rows = [("backfill", info["backfill_id"]), ("status", state),
             ("position", json.dumps(info["position"], ensure_ascii=False)),
@@ -345,8 +435,49 @@ def status(app: App, version, as_json, exact):
             ("params", json.dumps((info.get("checkpoint") or {}).get("params"))),
             ("published", _published(info) + (f" ({info['publish_mode']} mode)" if info.get("publish_mode") else "")),
             ("source", info["source"])]
-    for key, value in rows:
-        click.echo(f"{key:15} {value}")
+    lines = [f"{key:15} {value}" for key, value in rows]
+    if info.get("history"):
+        lines.append("recent batches  (migrate backfill history for more)")
+        lines += [f"  {_event_line(e)}" for e in info["history"]]
+    return "\n".join(lines)
+
+
+def _event_line(e: dict) -> str:
+    """One history event as a line: when, which batch and attempt, what happened, rows, size, time, range."""
+    if e["outcome"] == "throttled":
+        return f"{e['started_at']}  before batch {e['batch_number']}: throttled {e['seconds']}s ({e['signal']}: {e['error']})"
+    note = (" replay" if e["replay"] else "") + (f" ({e['error']})" if e["error"] else "")
+    return (f"{e['started_at']}  batch {e['batch_number']} attempt {e['attempt']}: {e['outcome']}, {e['rows']:,} rows "
+            f"(size {e['batch_size']}) in {e['seconds']}s, {_range_text(e['range_start'], e['range_end'])}{note}")
+
+
+@backfill.command()
+@click.argument("version", type=int)
+@click.option("--last", type=click.IntRange(min=0), default=50, show_default=True, help="the newest N events (0: all)")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def history(app: App, version, last, as_json):
+    """What each batch did: every attempt (committed, retried, halved, failed, refused, replayed), throttle waits."""
+    if _held_by_other(app):
+        raise BackfillError(f"the store is held by another process (the runner); read the history of backfill "
+                            f"{backfill_id(app.database, version)} once it stops, or follow it with 'status --watch'")
+    info = manager(app).get_status(app.database, version, live_counts=False)
+    events = history_.read(app.client, app.database, version, last or None)
+    totals = history_.totals(app.client, app.database, version, (info.get("checkpoint") or {}).get("started_at"))
+    if as_json:
+        click.echo(json.dumps({"backfill_id": info["backfill_id"], "status": info["status"],
+                               "rows_processed": info["rows_processed"], **totals, "events": events}, indent=2,
+                              default=str))
+        return
+    if not events:
+        click.echo(f"no batch history recorded for backfill {info['backfill_id']}")
+        return
+    for e in events:
+        click.echo(_event_line(e))
+    attempts = ", ".join(f"{n} {o}" for o, n in sorted(totals["attempts"].items()))
+    click.echo(f"since the backfill started: {attempts or 'no attempts'}; {totals['committed_rows']:,} source rows in "
+               f"{totals['committed_ranges']} committed ranges (a replayed range counted once); rows processed "
+               f"{info['rows_processed']:,}")
 
 
 @backfill.command()

@@ -91,19 +91,28 @@ class Pacer:
         if self.health is None or not self.schedule.due():
             self.schedule.batches += 1
             return None
-        throttled = []
+        throttled, began = [], (time.time(), self.clock())
 
         def on_throttled(throttle):
             if not throttled or throttled[-1] != throttle:
                 log.warning("throttled: %s", throttle.reason)
                 self.publish(throttle)
             throttled.append(throttle)
+            self._waited(throttle, began, None)
         reason = wait_until_healthy(self.health.check, should_stop, on_throttled, self.sleep, self.clock)
         self.schedule.checked(self.health.readings)
         self.schedule.batches += reason is None
         if throttled:
             self.publish(None)
+            self._waited(throttled[-1], began, reason or "cleared")
         return reason
+
+    def _waited(self, throttle, began: tuple, ended: str | None) -> None:
+        """A throttle wait before the next batch, as an event (`backfill_batch_attempted`, outcome throttled):
+        after every check still over the limit (`waiting`), and once when the wait ends (`ended`: cleared or a stop)."""
+        error = throttle.reason + (f" (wait ended: {ended})" if ended else "")
+        self.run.attempted("throttled", seconds=self.clock() - began[1], error=error, signal=throttle.signal,
+                           waiting=ended is None, started_at=began[0])
 
     def sized(self, batch, seconds: float) -> int:
         """The next batch's size, from this one's statement time (waits and sleeps left out)."""

@@ -109,38 +109,52 @@ class BatchExecution:
         while True:
             batch = run.in_flight
             retry = tries or int(batch.replay or run.replays(batch))
+            number += 1
             if retry:  # an earlier attempt may still run on the server: it must be gone first
-                self.confirm_lease()
-                self.attempts.kill_earlier(run.backfill_id)
-                run.check_replay(batch)
+                try:
+                    self.confirm_lease()
+                    self.attempts.kill_earlier(run.backfill_id)
+                    run.check_replay(batch)
+                except Exception as exc:
+                    run.attempted("refused", batch, number, replay=True, error=one_line(exc))
+                    raise
             if batch.first_attempt_at is None:  # a range written ahead by an older version
                 batch.first_attempt_at = time.time()
                 run.in_flight = batch
-            number += 1
             sql, params = run.render(batch, retry)
             token = batch.token(run.backfill_id)
             settings = {**BATCH_READ, **meta["settings"], "max_execution_time": meta["timeout_seconds"], **run.write_settings,
                         **(run.read_settings if retry else {}),
                         **batch_settings(token, retry, run.skips_existing, run.known_settings),
                         "query_id": f"{run.backfill_id}-{token[9:21]}-{number}-{uuid.uuid4().hex[:8]}"}
+            started = time.time()
             try:
                 run.client.command(tagged(sql, run.backfill_id, token, number, self.owner),
                                    parameters=params or None, settings=settings)
-                return batch
             except Exception as exc:
                 run.mark_may_have_committed(batch)
+                seconds, said = time.time() - started, one_line(exc)
+                if error_code(exc) == OOM and run.checkpoint["current_batch_size"] // 2 >= meta["min_batch_size"]:
+                    outcome = "halved"
+                else:
+                    final = error_code(exc) == OOM or is_permanent(exc) or tries >= meta["max_retries"]
+                    outcome = "failed" if final else "retried"
+                run.attempted(outcome, batch, number, seconds, bool(retry), said, started_at=started)
                 if error_code(exc) == OOM:
                     self._halve(batch, exc)
                     continue
                 if is_permanent(exc):  # an error in the SQL: every retry would fail the same way
                     raise BackfillError(f"{run.spec.sql_path}: batch after {batch.start or 'the start'} failed: "
-                                        f"{one_line(exc)}") from exc
+                                        f"{said}") from exc
                 if tries >= meta["max_retries"]:
                     raise BackfillError(f"batch after {batch.start or 'the start'} failed {tries + 1} times: "
-                                        f"{one_line(exc)}") from exc
-                log.warning("batch failed (%s); retry %s of %s", one_line(exc), tries + 1, meta["max_retries"])
+                                        f"{said}") from exc
+                log.warning("batch failed (%s); retry %s of %s", said, tries + 1, meta["max_retries"])
                 self.sleep(min(2 ** tries, 60))
                 tries += 1
+            else:  # outside the try: a hook's error is not the batch's
+                run.attempted("committed", batch, number, time.time() - started, bool(retry), started_at=started)
+                return batch
 
     def _halve(self, batch: Batch, exc: Exception) -> None:
         """Out of memory: the same start, half the rows; the smaller range is written ahead before it runs."""

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointStore, Row, backfill_id, new_checkpoint, state
 from .keys import KeySpace, probe_walk
 from .lease import Heartbeat, holder
 from .lookahead import Lookahead
-from .run import BackfillView, Run
+from .run import Run, view_of
 from .status import summarize
 
 log = logging.getLogger("backfill")
@@ -95,7 +95,7 @@ class ClickHouseBackfillManager:
             row.checkpoint.pop("lease", None)
             row.checkpoint.pop("throttled", None)
         self._save(row)
-        view = BackfillView(row.backfill_id, row.migration_version, row.db_name, self._spec.meta if self._spec else {})
+        view = view_of(row, self._spec, self.store.client)
         pm.hook.backfill_status_changed(backfill=view, status=status, error=error)
         self._publish(row)
         return row
@@ -222,6 +222,7 @@ class ClickHouseBackfillManager:
         row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
         row.checkpoint = row.checkpoint or new_checkpoint(spec)
         run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row, exact=exact)
+        run.state_client = self.store.client  # hooks write beside the checkpoint (the batch history)
         cp = row.checkpoint
         repair.start(run, key_range)  # a dry run of a range shows that range (nothing is saved)
         if dry_run:
@@ -314,10 +315,8 @@ class ClickHouseBackfillManager:
             with self._lock:  # the heartbeat may save meanwhile: it must see a consistent checkpoint
                 run.advance(batch)
             done += 1
-            if cp["rows_processed"] >= cp.get("rows_total", 0):  # the estimate ran out before the keys did
-                status_.estimate_total(run)
-            event = batch.event(cp["batches_completed"], seconds, pacer.sized(batch, seconds), cp["rows_processed"])
-            pm.hook.backfill_batch_completed(backfill=run.view, batch=event)
+            status_.refine_total(run)  # the estimate ran out before the keys did, or the end is within reach
+            event = run.completed(batch, seconds, pacer.sized(batch, seconds))
             self._publish(row)
             if on_batch:  # a repair reports its own range's progress
                 on_batch(summarize(replace(row, checkpoint=cp) if run.scope else row, run.spec), event)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from migrator.plugins import pm
@@ -15,7 +15,7 @@ from . import dedup
 from .batch import Batch
 from .checkpoint import Row, utcnow
 from .keys import KeySpace
-from .status import remaining, summarize
+from .status import after_batch, remaining, summarize
 
 RECENT = 20  # batches the rate and ETA are computed over
 
@@ -28,6 +28,13 @@ class BackfillView:
     version: int
     database: str
     metadata: dict
+    client: object = None  # the client that holds this backfill's checkpoint (on a shard: that shard's)
+    shard: str = ""  # the shard the walk runs on; empty when the backfill is not sharded
+
+
+def view_of(row: Row, spec, client=None) -> BackfillView:
+    """The view of a backfill's row, for hooks called outside a run's batches (status changes)."""
+    return BackfillView(row.backfill_id, row.migration_version, row.db_name, spec.meta if spec else {}, client)
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Run:
     exact: bool = False  # progress from an exact count of the source instead of the primary index
     scope: str | None = None  # "repair": batches walk checkpoint["repair"], not the backfill's own position
     until: list | None = None  # the last key this run may reach (a repair range's end)
+    state_client: object = None  # the checkpoint's client: hooks write beside it (the batch history)
 
     @property
     def backfill_id(self) -> str:
@@ -59,7 +67,8 @@ class Run:
 
     @cached_property
     def view(self) -> BackfillView:
-        return BackfillView(self.row.backfill_id, self.spec.version, self.row.db_name, self.spec.meta)
+        return BackfillView(self.row.backfill_id, self.spec.version, self.row.db_name, self.spec.meta,
+                            self.state_client or self.client)
 
     @cached_property
     def skips_existing(self) -> bool:
@@ -87,6 +96,31 @@ class Run:
                   rows_processed=int(cp.get("rows_processed", 0)) + batch.rows,
                   batches_completed=int(cp.get("batches_completed", 0)) + 1)
         cp["recent"] = (cp.get("recent") or [])[-(RECENT - 1):] + [[time.time(), cp["rows_processed"]]]
+
+    def attempted(self, outcome: str, batch: Batch | None = None, attempt: int = 0, seconds: float = 0.0,
+                  replay: bool = False, error: str | None = None, signal: str | None = None, waiting: bool = False,
+                  started_at: float | None = None) -> None:
+        """Tell `backfill_batch_attempted` hooks of one attempt of the next batch (or of a throttle wait before
+        it, `batch` None): the batch history and the metrics are built from these events."""
+        cp = self.checkpoint
+        event = {"number": int(cp.get("batches_completed", 0)) + 1, "attempt": attempt, "outcome": outcome,
+                 "replay": bool(replay), "range_start": batch.start if batch else cp.get("position"),
+                 "range_end": batch.end if batch else None, "rows": batch.rows if batch else 0,
+                 "batch_size": batch.batch_size if batch else int(cp.get("current_batch_size") or 0),
+                 "seconds": round(seconds, 3), "error": error, "signal": signal, "waiting": waiting,
+                 "started_at": started_at or time.time(), "runner": self.row.writer, "scope": self.scope,
+                 "backfill_started_at": self.row.checkpoint.get("started_at")}
+        pm.hook.backfill_batch_attempted(backfill=self.view, event=event)
+
+    def completed(self, batch: Batch, seconds: float, next_batch_size: int) -> dict:
+        """Tell `backfill_batch_completed` hooks of the batch just advanced over; returns the event, with the
+        progress and ETA `status` would show (100% once the batch took every row left)."""
+        cp = self.checkpoint
+        event = batch.event(cp["batches_completed"], seconds, next_batch_size, cp["rows_processed"])
+        info = after_batch(summarize(replace(self.row, checkpoint=cp) if self.scope else self.row, self.spec), event)
+        event.update({k: info[k] for k in ("rows_remaining", "progress_percent", "rows_per_second", "eta_seconds")})
+        pm.hook.backfill_batch_completed(backfill=self.view, batch=event)
+        return event
 
     def preview_batch(self) -> Batch:
         """A stand-in range (the keys' defaults) to render the SQL before anything runs."""
