@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 
-from migrator import tracking
+from migrator import tracking, transport
 
-from ..errors import BackfillError
+from ..errors import BackfillError, one_line
 from ..spec import sqlcheck
 from . import dedup, tables
 from .lease import lease_seconds
@@ -36,7 +36,7 @@ def check(run, cluster: str | None) -> None:
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
     sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path))
     sql, params = run.render(run.check_batch(), 0)
-    sqlcheck.explain(run.client, sql, params, run.spec.sql_path)
+    explain_first_range(run, sql, params)
     run.target = dedup.target_table(sql, run.row.db_name)
     if run.skips_existing:
         return
@@ -49,6 +49,21 @@ def check(run, cluster: str | None) -> None:
         dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
     except BackfillError as exc:  # BACKFILL_CHECKS=warn: run it anyway, to see what it does (exactly_once)
         sqlcheck.refuse(f"{run.spec.sql_path}: {exc}")
+
+
+def explain_first_range(run, sql: str, params: dict | None, sleep=None) -> None:
+    """The engine's plan of the first range, asked again across a network or proxy fault (EXPLAIN writes
+    nothing); when the server stays out of reach the line says so and does not blame the SQL."""
+    try:
+        transport.retry(lambda: sqlcheck.explain(run.client, sql, params, run.spec.sql_path),
+                        "the preflight EXPLAIN of the first range", **({"sleep": sleep} if sleep else {}))
+    except BackfillError:
+        raise
+    except Exception as exc:
+        if transport.cause(exc) is None:
+            raise
+        raise BackfillError(f"{one_line(exc)}; the preflight EXPLAIN of the first range of {run.spec.sql_path} did "
+                            f"not run, nothing was written: run again") from None
 
 
 def has_table_function(client, name: str) -> bool:
