@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http soak lint mutation-check bench bench-narrow bench-scale bench-shards bench-overhead clean
+.PHONY: demo test test-all test-server test-http serve-http soak soak-embedded lint mutation-check bench bench-narrow bench-scale bench-shards bench-overhead clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,9 +28,15 @@ test: lint
 mutation-check: $(STAMP)
 	$(BIN)/python tests/mutation_check.py
 
+# Faults at random (tests/chaos.py) over HTTP for SOAK_MINUTES (default 30): three backfills re-run by supervisors,
+# pollers, pause/resume, a migration, kill -9; rounds of new seeds (SOAK_SEED=N replays from seed N). Prints the
+# faults by fault kind and statement kind, the restarts and the verdict of each round.
+soak: $(STAMP)
+	SOAK_MINUTES=$${SOAK_MINUTES:-30} $(BIN)/python -m pytest -q -s -p no:xdist -m slow tests/test_chaos_soak.py
+
 # Three backfills at once on one embedded store, polled every 100 ms, one paused and resumed, a migration
 # applied meanwhile; SOAK_ROWS rows each (default 200000: a few minutes on 2 cores).
-soak: $(STAMP)
+soak-embedded: $(STAMP)
 	SOAK_ROWS=$${SOAK_ROWS:-200000} $(BIN)/python -m pytest -q -s -m slow tests/test_concurrent_backfills.py -k soak
 
 # The server suites against a real server: CLICKHOUSE_URL=http://user@host:8123 (and CLICKHOUSE_CLUSTER_URL /

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import connection
+from . import connection, transport
 from .discovery import next_migration_number
 from .errors import MigrateError, one_line
 from .plugins import describe, load_plugins, pm
@@ -268,8 +268,8 @@ def run(group: click.Group, argv=None) -> None:
     except Exception as exc:  # an unexpected failure still gets one line unless --debug
         if debug:
             _debug_exit(exc)
-        click.echo(f"error: {type(exc).__name__}: {connection.redact(one_line(exc))} (rerun with --debug for details)",
-                   err=True)
+        kind = "" if transport.cause(exc) else f"{type(exc).__name__}: "  # "network error: ..." names itself
+        click.echo(f"error: {kind}{connection.redact(one_line(exc))} (rerun with --debug for details)", err=True)
         sys.exit(1)
 
 

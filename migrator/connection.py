@@ -16,6 +16,7 @@ from pathlib import Path
 
 import clickhouse_connect
 
+from . import transport
 from .errors import MigrateError, one_line
 
 DEFAULT_STORE = ".chdb"
@@ -203,7 +204,7 @@ def connect(target: Target, argv: list[str] | None = None):
         return client
     parsed = urllib.parse.urlsplit(target.url)
     try:
-        return clickhouse_connect.get_client(
+        return transport.retry(lambda: clickhouse_connect.get_client(  # its first request reads the version
             host=parsed.hostname,
             port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
             username=urllib.parse.unquote(parsed.username or "default"),
@@ -211,6 +212,6 @@ def connect(target: Target, argv: list[str] | None = None):
             secure=parsed.scheme == "https",
             autogenerate_session_id=False,  # no session: threads (heartbeat, batch) may share the client
             send_receive_timeout=receive_timeout(),
-        )
+        ), f"connecting to {redact(target.url)}")
     except Exception as exc:
         raise MigrateError(f"cannot connect to {redact(target.url)}: {redact(one_line(exc))}") from None

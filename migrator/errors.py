@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from .transport import describe
+
 
 class MigrateError(Exception):
     """A failure the operator can act on; its message is the whole story on one line."""
@@ -16,6 +18,9 @@ _HTTP_URL = re.compile(r" \(for url https?://[^)\s]*\)$")
 def one_line(exc: BaseException) -> str:
     """The first line of an error: what the operator sees, what error_log keeps. A ClickHouse error reads
     the same from a server over HTTP as from the embedded engine: `Code: N. DB::Exception: ...`."""
+    transport = describe(exc)  # a network or proxy fault says so, whatever the driver called it
+    if transport:
+        return transport
     text = str(exc).strip().splitlines()
     if not text:
         return type(exc).__name__

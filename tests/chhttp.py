@@ -48,7 +48,9 @@ text matches (one-shot unless times says otherwise; times=-1: always); `DELETE /
 (answer `status`, 502 or 503, before running: a load balancer), `stall` (wait `seconds`, then run),
 `late` (run, then wait `seconds` before answering: the client's read timeout fires on a done query),
 `drop` (run, then close the connection without answering), `reset` (run, send the headers and half
-the body, then reset the connection).
+the body, then reset the connection). `--chaos SEED:RATE` or `POST /__chaos` {seed, rate, kinds?,
+statements?} injects them on a seeded random fraction of all requests; `GET /__chaos` reports what was hit
+(tests/chaos.py).
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import chdb
 
 from migrator.sqltext import _lex, split_statements
+from tests import chaos
 
 # URL parameters ClickHouse's HTTPHandler consumes itself; they are not settings.
 RESERVED = {"query", "database", "default_format", "user", "password", "quota_key", "query_id", "stacktrace",
@@ -315,6 +318,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         path = urllib.parse.urlsplit(self.path).path
+        if path == "/__chaos":
+            self._json(*chaos.control(self.server, "DELETE", b""))
+            return
         if path == "/__faults":
             self.server.faults.clear()
         elif path == "/__log":
@@ -337,6 +343,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(400, {"error": str(exc)})
                 return
             self._json(200, {"ok": True})
+            return
+        if url.path == "/__chaos":
+            self._json(*chaos.control(self.server, self.command, body))
             return
         if url.path == "/__log":
             with self.server.log_lock:
@@ -403,7 +412,7 @@ class Handler(BaseHTTPRequestHandler):
                                              f"allowed): failed at position {len(sql)} (end of query). (SYNTAX_ERROR) "
                                              f"(version {engine.version})"), query_id)
             return
-        fault = server.faults.take(sql)
+        fault = server.faults.take(sql) or chaos.inject(server.chaos, sql, params, entry)
         kind = entry["fault"] = fault["kind"] if fault else None
         if kind == "refuse":
             entry["status"] = fault["status"]
@@ -547,6 +556,7 @@ class Endpoint(ThreadingHTTPServer):
         self.engine, self.user, self.password = engine, user, password
         self.faults, self.log, self.log_lock = Faults(), [], threading.Lock()
         self.sessions: dict[str, Session] = {}
+        self.chaos: chaos.Chaos | None = None  # a seeded random fault schedule (--chaos, /__chaos)
         self.sessions_lock = threading.Lock()
         self.tmpdir = tempfile.mkdtemp(prefix="chhttp-")
 
@@ -579,8 +589,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--user", default="default")
     parser.add_argument("--password", default=os.environ.get("CHHTTP_PASSWORD"),
                         help="require this password (default: none; or CHHTTP_PASSWORD)")
+    parser.add_argument("--chaos", metavar="SEED:RATE", type=chaos.parse,
+                        help="inject transport faults into a seeded random fraction of requests (tests/chaos.py)")
     args = parser.parse_args(argv)
     server = Endpoint((args.host, args.port), Engine(args.store), args.user, args.password)
+    if args.chaos:
+        server.chaos = chaos.Chaos(**args.chaos)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"listening on http://{args.host}:{server.server_address[1]}/ store {args.store} "
           f"(engine {server.engine.version})", flush=True)

@@ -18,6 +18,13 @@ T = "tests/"
 
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
+    ("a transport fault at the preflight EXPLAIN blames the SQL file", "backfill_plugin/spec/sqlcheck.py",
+     "        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so\n            raise\n",
+     "",
+     [T + "test_transport_faults.py", "-k", "preflight_explain"]),
+    ("a state write is not written again across a dropped connection", "backfill_plugin/protocol/checkpoint.py",
+     "transport.retry(lambda: insert_row(", "(lambda f, _: f())(lambda: insert_row(",
+     [T + "test_transport_faults.py", "-k", "state_write"]),
     ("write-ahead save removed", "backfill_plugin/protocol/manager.py",
      "                self._save(row)\n                ahead.after", "                ahead.after",
      [T + "test_protocol_guards.py::test_write_ahead_alone_makes_a_kill_between_insert_and_checkpoint_exact"]),

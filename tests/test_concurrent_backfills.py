@@ -1,7 +1,7 @@
 """Three backfills at once on one embedded store, in one process, while operators poll, pause, resume and
 apply a new migration: every target ends exact and no error (a lock error above all) reaches any of them.
 
-`make soak` runs the same with more rows for longer (SOAK_ROWS, default 200,000 per backfill).
+`make soak-embedded` runs the same with more rows for longer (SOAK_ROWS, default 200,000 per backfill).
 """
 from __future__ import annotations
 

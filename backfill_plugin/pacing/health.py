@@ -14,6 +14,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+from migrator import transport
+
 from ..errors import BackfillError, one_line
 from ..spec.meta import AUTO, OFF
 from .sizing import nap
@@ -66,8 +68,11 @@ class Health:
     def _query(self, field: str, sql: str) -> list:
         """Rows of a system-table query; a failure names the limit that turns the signal off."""
         try:
-            return self.client.query(sql, parameters={"d": self.database, "t": self.table}).result_rows
+            return transport.retry(lambda: self.client.query(sql, parameters={"d": self.database, "t": self.table})
+                                   .result_rows, f"health of {self.name}")
         except Exception as exc:
+            if transport.cause(exc):  # not a missing grant: the server was out of reach
+                raise BackfillError(f"cannot read the health of {self.name} for {field}: {one_line(exc)}") from exc
             raise BackfillError(f"cannot read the health of {self.name} for {field} ({one_line(exc)}); "
                                 f"grant access to the system table or set {field} to \"off\"") from exc
 

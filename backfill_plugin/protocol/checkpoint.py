@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from migrator import transport
 from migrator.tracking import LATEST_READ, QUORUM_WRITE, ensure_schema, insert_row, next_version
 
 from ..errors import BackfillError
@@ -175,7 +176,10 @@ class CheckpointStore:
         for col in ("started_at", "updated_at", "completed_at"):
             if values[col] is not None:
                 values[col] = values[col].strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
-        insert_row(self.client, TABLE, TYPES, values, settings=QUORUM_WRITE)
+        # Written again across a network or proxy fault: a second copy of a row (same version, same content)
+        # changes nothing, and a pause another process wrote meanwhile has a newer version either way.
+        transport.retry(lambda: insert_row(self.client, TABLE, TYPES, values, settings=QUORUM_WRITE),
+                        f"state write of backfill {row.backfill_id}")
         return row
 
     def others_since(self, bid: str, since_version: int, me: str) -> tuple[int, int]:

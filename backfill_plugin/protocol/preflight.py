@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 
-from migrator import tracking
+from migrator import tracking, transport
 
-from ..errors import BackfillError
+from ..errors import BackfillError, one_line
 from ..spec import sqlast, sqlcheck
 from . import dedup, tables
 from .lease import lease_seconds
@@ -36,10 +36,11 @@ def check(run, cluster: str | None) -> None:
     run.read_settings, run.write_settings = dict(tracking.LATEST_READ), dict(tracking.QUORUM_WRITE)
     run.known_settings = run.keys.known_settings  # probed once per manager (ClickHouseBackfillManager.keyspace)
     sql, params = run.render(run.check_batch(), 0)
-    shape = sqlast.parse(run.client, sql, params, run.spec.sql_path)  # the engine's parser: the target, the calls
+    shape = ask(run, "the preflight's parse of the first range", lambda: sqlast.parse(run.client, sql, params,
+                                                                                     run.spec.sql_path))
     sqlcheck.warn(sqlcheck.lint(run.template, run.spec.sql_path, run.client, shape))
     sqlcheck.check_form(shape, run.spec.sql_path, run.skips_existing)
-    sqlcheck.explain(run.client, sql, params, run.spec.sql_path)
+    explain_first_range(run, sql, params)
     run.target = shape.target_in(run.row.db_name)
     if run.skips_existing or run.target is None:  # None: a table function, refused unless the SQL skips existing keys
         return
@@ -48,6 +49,26 @@ def check(run, cluster: str | None) -> None:
         dedup.check_window(run.target, run.window, meta["timeout_seconds"] + lease_seconds())
     except BackfillError as exc:  # BACKFILL_CHECKS=warn: run it anyway, to see what it does (exactly_once)
         sqlcheck.refuse(f"{run.spec.sql_path}: {exc}")
+
+
+def ask(run, what: str, question, sleep=None):
+    """A read of the preflight (the parse, the plan: nothing is written), asked again across a network or
+    proxy fault; when the server stays out of reach the line says so and does not blame the SQL."""
+    try:
+        return transport.retry(question, what, **({"sleep": sleep} if sleep else {}))
+    except BackfillError:
+        raise
+    except Exception as exc:
+        if transport.cause(exc) is None:
+            raise
+        raise BackfillError(f"{one_line(exc)}; {what} of {run.spec.sql_path} did not run, nothing was written: "
+                            f"run again") from None
+
+
+def explain_first_range(run, sql: str, params: dict | None, sleep=None) -> None:
+    """The engine's plan of the first range (nothing runs), asked again across a transport fault."""
+    ask(run, "the preflight EXPLAIN of the first range", lambda: sqlcheck.explain(run.client, sql, params,
+                                                                                 run.spec.sql_path), sleep)
 
 
 def has_table_function(client, name: str) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from migrator import transport
+
 from ..errors import BackfillError, one_line
 
 _NODE = re.compile(r"^( *)(\S+)(?: (.*?))?(?: \(children \d+\))?$")
@@ -138,6 +140,8 @@ def parse(client, sql: str, params: dict | None, path, rename: dict | None = Non
     try:
         raw = client.raw_query(f"EXPLAIN AST {sql}", parameters=params or None, fmt="TabSeparatedRaw")
     except Exception as exc:
+        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so
+            raise
         message = one_line(exc)
         for scratch, real in (rename or {}).items():
             message = message.replace(scratch, real)

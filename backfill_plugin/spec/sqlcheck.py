@@ -18,6 +18,7 @@ import logging
 import os
 import re
 
+from migrator import transport
 from migrator.sqltext import _lex
 
 from ..errors import BackfillError, one_line
@@ -108,6 +109,8 @@ def explain(client, sql: str, params: dict | None, path, rename: dict | None = N
         client.command(f"EXPLAIN {kind} {sql}", parameters=params or None,
                        settings={"use_index_for_in_with_subqueries": 0, "optimize_move_to_prewhere": 0})
     except Exception as exc:
+        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so
+            raise
         message = one_line(exc)
         for scratch, real in (rename or {}).items():
             message = message.replace(scratch, real)
