@@ -57,7 +57,7 @@ def wheel_python(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy: building in the checkout would leave build/ and *.egg-info there
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "migrator", "backfill_plugin"):
+    for name in ("pyproject.toml", "README.md", "migrator", "backfill_plugin", "backfill_metrics"):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                          if (REPO / name).is_dir() else {}))
