@@ -11,28 +11,47 @@ What it does as ClickHouse does:
 - the query is the `query` URL parameter, then a newline, then the body (either may be absent);
   an INSERT's data is what follows its `FORMAT name` (after blanks and at most one newline) and
   reaches the engine as `INSERT ... FROM INFILE <tmp> FORMAT name`; request bodies may be chunked
-  and compressed (Content-Encoding gzip, deflate, zstd, lz4, br);
+  and compressed (Content-Encoding gzip, deflate, zstd, lz4, br); a body shorter than its Content-Length
+  (CANNOT_READ_ALL_DATA, 33) or a chunked body without its last chunk (UNEXPECTED_END_OF_FILE, 3) is refused
+  with HTTP 500 and nothing of it runs, also when it carried a multipart form (as HTTPServerRequest.cpp);
+  a form whose transport is whole but lacks its closing boundary is read to its end, as HTMLForm does;
 - `database`, `default_format` (TabSeparated), `param_<name>` (bound by the engine), `query_id`
-  (echoed in X-ClickHouse-Query-Id), `session_id`/`session_check`/`session_timeout`; every other URL
-  parameter is a setting for that query only (SET on the request's own engine handle; an unknown
-  name is the engine's UNKNOWN_SETTING); GET requests run with readonly=2;
+  (echoed in X-ClickHouse-Query-Id; a second query with the id of a running one is refused with
+  QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, 216), `session_id`/`session_check`/`session_timeout` (whole
+  seconds up to max_session_timeout 3600, else INVALID_SESSION_TIMEOUT, 374); every other URL parameter is
+  a setting for that query only (SET on the request's own engine handle; an unknown name is the engine's
+  UNKNOWN_SETTING), names ending in `_format`, `_types` or `_structure` included: only multipart requests
+  skip those (their external data's parameters), as the server does; GET requests run with readonly=2, in a
+  session for that query only (on a copy of the session's settings and database);
 - errors: `Code: N. DB::Exception: <engine message> (NAME) (version V)` with the status of
   ClickHouse's exceptionCodeToHTTPStatus and X-ClickHouse-Exception-Code;
 - a second concurrent query in one session is refused with SESSION_IS_LOCKED (373);
-- a query keeps running when its client goes away (it is not cancelled) and shows in
-  system.processes, killable with KILL QUERY from another request;
+- progress headers (`send_progress_in_http_headers`, `http_headers_progress_interval_ms`, the engine's
+  own progress): the status line 200 goes out with the first, once the interval has passed with progress
+  made; an error after it is an X-ClickHouse-Exception-Code header and an exception block in the body
+  (`__exception__`, tag, message, length and tag, `__exception__`) with the final chunk left out;
+- a query keeps running when its client goes away and shows in system.processes, killable with KILL
+  QUERY from another request, until its next progress write finds the client gone: then it is cancelled
+  (QUERY_WAS_CANCELLED; blocks inserted before stay), as a server's onProgress does; a read-only query with
+  cancel_http_readonly_queries_on_client_close is cancelled at its next progress event;
 - responses are compressed when enable_http_compression (the URL's, else the engine's default, 1) is on and
   Accept-Encoding names a method (lz4, zstd, gzip, deflate); a request holds one statement (SYNTAX_ERROR
   "Multi-statements are not allowed" otherwise, where chDB itself would run them all).
 
 Where it differs from a server (stated, not hidden):
 - chDB cannot be told a query id: system.processes and KILL QUERY see the engine's own id, not the
-  `query_id` the client sent (which is only echoed). Code that finds queries by a marker in their
-  text (backfill_plugin/protocol/attempt.py) works unchanged; `KILL QUERY WHERE query_id = '<client id>'` does not.
+  `query_id` the client sent (echoed, and checked against the running ones by the endpoint itself). Code
+  that finds queries by a marker in their text (backfill_plugin/protocol/attempt.py) works unchanged;
+  `KILL QUERY WHERE query_id = '<client id>'` does not. The endpoint finds its own queries (to cancel one)
+  by a `log_comment` it sets (the client's own, if it sent one); replace_running_query is not supported.
 - X-ClickHouse-Summary carries what the engine reports (read_rows, read_bytes, elapsed_ns); the
   engine does not report written rows, so written_* keys are absent.
-- no X-ClickHouse-Progress headers: the status line is sent when the query has ended (as with
-  wait_end_of_query=1); read-only GET queries are not cancelled when the client disconnects.
+- progress headers are written on a timer that checks the engine's progress callback, not at each block:
+  one header per interval at most, and a cancel lands at the engine's next block; the other headers
+  (Date, Server) a server sends before the progress headers come after them here. A server parses an
+  INSERT's data as it arrives, so a body cut short after more than one insert block can commit its first
+  blocks there; the endpoint reads the whole body first and commits none. wait_end_of_query buffers nothing
+  (the response is built whole anyway).
 - authentication is a check of one user/password pair given on the command line (headers
   X-ClickHouse-User/X-ClickHouse-Key, basic auth, or user/password parameters); the engine itself
   runs every query as its default user. A wrong password is AUTHENTICATION_FAILED (516, HTTP 403).
