@@ -40,10 +40,37 @@ def _engine_error(exc: BaseException) -> bool:
     return isinstance(code, int) or "Code: " in str(exc)
 
 
+# What a server writes into a response whose status (200) went out with the first progress header, when the
+# query fails after it: 24.x+ an exception block `__exception__ <tag> <message> <length> <tag> __exception__`
+# (src/Server/HTTP/HTTP1/HTTP1ServerResponse.cpp, cancelWithException), before it the bare message; either
+# way without the final chunk, so the client's read ends in IncompleteRead and only its partial body keeps it.
+_EXCEPTION_BLOCK = re.compile(rb"__exception__\r?\n(\S+)\r?\n(Code: \d+\. .*?)\r?\n?\d+ \1\r?\n__exception__", re.DOTALL)
+_EXCEPTION_TEXT = re.compile(rb"(?:\A|\n)(Code: \d+\. DB::Exception: .*?)\s*\Z", re.DOTALL)
+
+
+def server_exception(exc: BaseException) -> str | None:
+    """The server's own error text when it arrived after a 200 status (in the cut-off body of a response
+    whose progress headers had already gone out), else None. clickhouse-connect raises a transport error
+    for such a response; its chain keeps the body read so far (http.client.IncompleteRead.partial)."""
+    seen, todo = set(), [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        partial = getattr(item, "partial", None)
+        if isinstance(partial, (bytes, bytearray)) and partial:
+            match = _EXCEPTION_BLOCK.search(partial) or _EXCEPTION_TEXT.search(partial)
+            if match:
+                return match.group(match.lastindex).decode(errors="replace").strip()
+        todo += [item.__cause__, item.__context__, *(a for a in item.args if isinstance(a, BaseException))]
+    return None
+
+
 def cause(exc: BaseException) -> str | None:
     """ "network", "server" (an HTTP error status without a ClickHouse error), or None (anything else:
     a ClickHouse error, a bug)."""
-    if _engine_error(exc):
+    if _engine_error(exc) or server_exception(exc):  # the server's own error, also one sent after a 200
         return None
     if _STATUS.search(str(exc)):
         return "server"

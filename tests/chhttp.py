@@ -11,28 +11,47 @@ What it does as ClickHouse does:
 - the query is the `query` URL parameter, then a newline, then the body (either may be absent);
   an INSERT's data is what follows its `FORMAT name` (after blanks and at most one newline) and
   reaches the engine as `INSERT ... FROM INFILE <tmp> FORMAT name`; request bodies may be chunked
-  and compressed (Content-Encoding gzip, deflate, zstd, lz4, br);
+  and compressed (Content-Encoding gzip, deflate, zstd, lz4, br); a body shorter than its Content-Length
+  (CANNOT_READ_ALL_DATA, 33) or a chunked body without its last chunk (UNEXPECTED_END_OF_FILE, 3) is refused
+  with HTTP 500 and nothing of it runs, also when it carried a multipart form (as HTTPServerRequest.cpp);
+  a form whose transport is whole but lacks its closing boundary is read to its end, as HTMLForm does;
 - `database`, `default_format` (TabSeparated), `param_<name>` (bound by the engine), `query_id`
-  (echoed in X-ClickHouse-Query-Id), `session_id`/`session_check`/`session_timeout`; every other URL
-  parameter is a setting for that query only (SET on the request's own engine handle; an unknown
-  name is the engine's UNKNOWN_SETTING); GET requests run with readonly=2;
+  (echoed in X-ClickHouse-Query-Id; a second query with the id of a running one is refused with
+  QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, 216), `session_id`/`session_check`/`session_timeout` (whole
+  seconds up to max_session_timeout 3600, else INVALID_SESSION_TIMEOUT, 374); every other URL parameter is
+  a setting for that query only (SET on the request's own engine handle; an unknown name is the engine's
+  UNKNOWN_SETTING), names ending in `_format`, `_types` or `_structure` included: only multipart requests
+  skip those (their external data's parameters), as the server does; GET requests run with readonly=2, in a
+  session for that query only (on a copy of the session's settings and database);
 - errors: `Code: N. DB::Exception: <engine message> (NAME) (version V)` with the status of
   ClickHouse's exceptionCodeToHTTPStatus and X-ClickHouse-Exception-Code;
 - a second concurrent query in one session is refused with SESSION_IS_LOCKED (373);
-- a query keeps running when its client goes away (it is not cancelled) and shows in
-  system.processes, killable with KILL QUERY from another request;
+- progress headers (`send_progress_in_http_headers`, `http_headers_progress_interval_ms`, the engine's
+  own progress): the status line 200 goes out with the first, once the interval has passed with progress
+  made; an error after it is an X-ClickHouse-Exception-Code header and an exception block in the body
+  (`__exception__`, tag, message, length and tag, `__exception__`) with the final chunk left out;
+- a query keeps running when its client goes away and shows in system.processes, killable with KILL
+  QUERY from another request, until its next progress write finds the client gone: then it is cancelled
+  (QUERY_WAS_CANCELLED; blocks inserted before stay), as a server's onProgress does; a read-only query with
+  cancel_http_readonly_queries_on_client_close is cancelled at its next progress event;
 - responses are compressed when enable_http_compression (the URL's, else the engine's default, 1) is on and
   Accept-Encoding names a method (lz4, zstd, gzip, deflate); a request holds one statement (SYNTAX_ERROR
   "Multi-statements are not allowed" otherwise, where chDB itself would run them all).
 
 Where it differs from a server (stated, not hidden):
 - chDB cannot be told a query id: system.processes and KILL QUERY see the engine's own id, not the
-  `query_id` the client sent (which is only echoed). Code that finds queries by a marker in their
-  text (backfill_plugin/protocol/attempt.py) works unchanged; `KILL QUERY WHERE query_id = '<client id>'` does not.
+  `query_id` the client sent (echoed, and checked against the running ones by the endpoint itself). Code
+  that finds queries by a marker in their text (backfill_plugin/protocol/attempt.py) works unchanged;
+  `KILL QUERY WHERE query_id = '<client id>'` does not. The endpoint finds its own queries (to cancel one)
+  by a `log_comment` it sets (the client's own, if it sent one); replace_running_query is not supported.
 - X-ClickHouse-Summary carries what the engine reports (read_rows, read_bytes, elapsed_ns); the
   engine does not report written rows, so written_* keys are absent.
-- no X-ClickHouse-Progress headers: the status line is sent when the query has ended (as with
-  wait_end_of_query=1); read-only GET queries are not cancelled when the client disconnects.
+- progress headers are written on a timer that checks the engine's progress callback, not at each block:
+  one header per interval at most, and a cancel lands at the engine's next block; the other headers
+  (Date, Server) a server sends before the progress headers come after them here. A server parses an
+  INSERT's data as it arrives, so a body cut short after more than one insert block can commit its first
+  blocks there; the endpoint reads the whole body first and commits none. wait_end_of_query buffers nothing
+  (the response is built whole anyway).
 - authentication is a check of one user/password pair given on the command line (headers
   X-ClickHouse-User/X-ClickHouse-Key, basic auth, or user/password parameters); the engine itself
   runs every query as its default user. A wrong password is AUTHENTICATION_FAILED (516, HTTP 403).
@@ -60,9 +79,12 @@ import email.policy
 import gzip
 import json
 import os
+import random
 import re
+import select
 import signal
 import socket
+import string
 import struct
 import sys
 import tempfile
@@ -103,6 +125,10 @@ _BY_STATUS = {
     411: "HTTP_LENGTH_REQUIRED", 408: "TIMEOUT_EXCEEDED", 415: "UNSUPPORTED_MEDIA_TYPE"}
 STATUS = {name: status for status, names in _BY_STATUS.items() for name in names.split()}
 SESSION_NOT_FOUND, SESSION_IS_LOCKED, AUTHENTICATION_FAILED = 372, 373, 516
+INVALID_SESSION_TIMEOUT, QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, QUERY_WAS_CANCELLED = 374, 216, 394
+UNEXPECTED_END_OF_FILE, CANNOT_READ_ALL_DATA, CORRUPTED_DATA, SOCKET_TIMEOUT = 3, 33, 246, 209
+DEFAULT_SESSION_TIMEOUT, MAX_SESSION_TIMEOUT = 60, 3600  # a server's default_session_timeout, max_session_timeout
+RECEIVE_TIMEOUT = 30  # seconds a request body may stall (the server's http_receive_timeout)
 CODE_RE = re.compile(r"Code: (\d+)\. ")
 NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*\.?\s*$")
 TRAILING_FORMAT_RE = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
@@ -261,12 +287,169 @@ def _decompress(data: bytes, encoding: str) -> bytes:
     raise EngineError(1000, f"Code: 1000. DB::Exception: Unknown HTTP Content-Encoding {encoding!r}. (UNKNOWN_EXCEPTION)")
 
 
+def read_body(rfile, headers, version: str) -> bytes:
+    """The request body as a server reads it (src/Server/HTTP/HTTPServerRequest.cpp): exactly its
+    Content-Length (LimitReadBuffer with read_no_less: "Unexpected EOF, got N of M bytes",
+    CANNOT_READ_ALL_DATA), or every chunk up to the last one (HTTPChunkedReadBuffer: "Unexpected end of file
+    while reading chunk header of HTTP chunked data", UNEXPECTED_END_OF_FILE). A body cut short is refused
+    before anything of it runs. (A server parses an INSERT's data as it arrives, so a body longer than one
+    insert block can commit its first blocks before the cut; this endpoint reads the body first and commits
+    none.)"""
+    def fail(code: int, message: str, name: str):
+        return EngineError(code, f"Code: {code}. DB::Exception: {message}. ({name}) (version {version})")
+
+    cut = fail(UNEXPECTED_END_OF_FILE, "Unexpected end of file while reading chunk header of HTTP chunked data",
+               "UNEXPECTED_END_OF_FILE")
+    try:
+        if headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                line = rfile.readline(1024)
+                if not line.endswith(b"\n"):
+                    raise cut
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise fail(CORRUPTED_DATA, "Unexpected data instead of HTTP chunk header", "CORRUPTED_DATA") from None
+                if size == 0:
+                    while rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    break
+                part = rfile.read(size)
+                if len(part) < size or not rfile.readline(8).endswith(b"\n"):
+                    raise cut
+                parts.append(part)
+            return b"".join(parts)
+        length = int(headers.get("Content-Length") or 0)
+        data = rfile.read(length)
+    except TimeoutError:
+        raise fail(SOCKET_TIMEOUT, f"Timeout exceeded while reading from socket ({RECEIVE_TIMEOUT} s)",
+                   "SOCKET_TIMEOUT") from None
+    if len(data) < length:
+        raise fail(CANNOT_READ_ALL_DATA, f"Unexpected EOF, got {len(data)} of {length} bytes", "CANNOT_READ_ALL_DATA")
+    return data
+
+
+def session_timeout(params: dict, version: str) -> float:
+    """session_timeout as a server parses it (HTTPHandler's parseSessionTimeout): whole seconds, at most
+    max_session_timeout, else INVALID_SESSION_TIMEOUT."""
+    raw = params.get("session_timeout")
+    if raw is None:
+        return DEFAULT_SESSION_TIMEOUT
+    if not re.fullmatch(r"\+?[0-9]+", raw):
+        raise EngineError(INVALID_SESSION_TIMEOUT, f"Code: 374. DB::Exception: Invalid session timeout: '{raw}'. "
+                                                   f"(INVALID_SESSION_TIMEOUT) (version {version})")
+    if int(raw) > MAX_SESSION_TIMEOUT:
+        raise EngineError(INVALID_SESSION_TIMEOUT, (
+            f"Code: 374. DB::Exception: Session timeout '{raw}' is larger than max_session_timeout: "
+            f"{MAX_SESSION_TIMEOUT}. Maximum session timeout could be modified in configuration file. "
+            f"(INVALID_SESSION_TIMEOUT) (version {version})"))
+    return int(raw)
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+class Response:
+    """One query's response, written as ClickHouse's WriteBufferFromHTTP1ServerResponse writes it.
+
+    With send_progress_in_http_headers, the status line (200) goes out with the first X-ClickHouse-Progress
+    header, once http_headers_progress_interval_ms has passed with progress made, and one more header per
+    interval after it. An error after that cannot change the status: it becomes an X-ClickHouse-Exception-Code
+    header and an exception block in the body (`__exception__`, a tag, the message, its length and the tag,
+    `__exception__`), and the final chunk is left out on purpose (cancelWithException). A write that fails
+    because the client is gone tells the caller to cancel the query (onProgress: cancel, then rethrow)."""
+
+    def __init__(self, handler: Handler, send_progress: bool, interval_ms: int, cancel_when_gone: bool):
+        self.handler, self.send_progress, self.interval = handler, send_progress, max(interval_ms, 0) / 1000
+        self.cancel_when_gone = cancel_when_gone  # a read-only query with cancel_http_readonly_queries_on_client_close
+        self.started = False  # the status line is on the wire
+        self.gone = False  # the client was found gone: the query is cancelled
+        self.headers_sent = 0
+        self.progress: dict = {}
+        self.moved = False  # progress since the last header
+        self.last = time.monotonic()
+
+    def on_progress(self, progress: dict) -> None:
+        """The engine's progress callback (on the query's thread)."""
+        self.progress, self.moved = progress, True
+
+    def _write(self, data: bytes) -> None:
+        self.handler.wfile.write(data)
+        self.handler.wfile.flush()
+
+    def client_gone(self) -> bool:
+        """HTTPServerRequest::checkPeerConnected: a peek that finds the connection closed."""
+        sock = self.handler.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)  # (the socket has a timeout: recv would wait)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def tick(self) -> bool:
+        """While the query runs; False when the client is gone and the query must be cancelled."""
+        if not self.moved:
+            return True
+        if self.cancel_when_gone and self.client_gone():
+            self.gone = True
+            return False
+        if not self.send_progress or time.monotonic() - self.last < self.interval:
+            return True
+        self.moved, self.last = False, time.monotonic()
+        try:
+            if self.client_gone():
+                raise BrokenPipeError("the client is gone")
+            if not self.started:
+                self._write(b"HTTP/1.1 200 OK\r\n")
+                self.started = True
+            self._write(b"X-ClickHouse-Progress: " + self._progress_json() + b"\r\n")
+            self.headers_sent += 1
+        except OSError:
+            self.handler.close_connection = self.gone = True
+            return False
+        return True
+
+    def _progress_json(self) -> bytes:
+        keys = ("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read", "result_rows",
+                "result_bytes", "elapsed_ns")
+        return json.dumps({k: str(self.progress.get(k, 0)) for k in keys}, separators=(",", ":")).encode()
+
+    def _finish_headers(self, headers: dict) -> None:
+        lines = [f"{name}: {value}" for name, value in headers.items()]
+        self._write(("\r\n".join([*lines, "Transfer-Encoding: chunked", "", ""])).encode())
+
+    def send(self, status: int, body: bytes, headers: dict) -> None:
+        """The answer of a query that ended well (or failed before any progress header went out)."""
+        if not self.started:
+            self.handler._send(status, body, headers)
+            return
+        self._finish_headers({**headers, "Connection": "close" if self.handler.close_connection else "Keep-Alive"})
+        if body and self.handler.command != "HEAD":
+            self._write(b"%x\r\n" % len(body) + body + b"\r\n")
+        self._write(b"0\r\n\r\n")
+
+    def send_error(self, err: EngineError, headers: dict) -> None:
+        """An error: with its own status while none was sent, else after the 200, as the server writes it."""
+        if not self.started:
+            self.handler._send(http_status(err), (err.text + "\n").encode(),
+                               {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(err.code),
+                                **headers})
+            return
+        tag = "".join(random.choices(string.ascii_letters + string.digits, k=16))
+        message = (err.text if err.text.endswith("\n") else err.text + "\n").encode()
+        block = (b"\r\n__exception__\r\n" + tag.encode() + b"\r\n" + message + str(len(message)).encode() + b" "
+                 + tag.encode() + b"\r\n__exception__\r\n")
+        self.handler.close_connection = True
+        self._finish_headers({**headers, "X-ClickHouse-Exception-Code": str(err.code),
+                              "X-ClickHouse-Exception-Tag": tag, "Connection": "close"})
+        self._write(b"%x\r\n" % len(block) + block + b"\r\n")  # and no final chunk: the client must not read an end
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = RECEIVE_TIMEOUT  # a stalled request body ends as the server's SOCKET_TIMEOUT, not a hung thread
     server: Endpoint
 
     def log_message(self, fmt, *args):  # quiet: the query log is at /__log
@@ -274,19 +457,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-            data = b"".join(parts)
-        else:
-            data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        data = read_body(self.rfile, self.headers, self.server.engine.version)
         return _decompress(data, self.headers.get("Content-Encoding", ""))
 
     def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
@@ -333,8 +504,9 @@ class Handler(BaseHTTPRequestHandler):
         params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         try:
             body = self._body() if self.command == "POST" else b""
-        except EngineError as err:
-            self._send_error(err, "")
+        except EngineError as err:  # a body cut short: refused, nothing of it runs, the connection is closed
+            self.close_connection = True
+            self._guarded(self._send_error, err, "")
             return
         if url.path == "/__faults":
             try:
@@ -358,9 +530,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"There is no handle " + url.path.encode() + b"\n", {"Content-Type": "text/plain"})
             return
         content_type = self.headers.get("Content-Type", "")
-        if content_type.startswith("multipart/form-data"):  # (a urlencoded body is the query, as curl -d sends it)
+        external = content_type.startswith("multipart/form-data")  # (a urlencoded body is the query, as curl -d sends it)
+        if external:
             params, body = {**params, **form_fields(content_type, body)}, b""  # fields: query, param_<name>
-        self._query(params, body)
+        self._query(params, body, external)
 
     # -- a query -----------------------------------------------------------------------------------------
     def _credentials(self, params: dict) -> tuple[str, str]:
@@ -374,7 +547,7 @@ class Handler(BaseHTTPRequestHandler):
                 pass
         return user or "default", key or ""
 
-    def _query(self, params: dict, body: bytes) -> None:
+    def _query(self, params: dict, body: bytes, external: bool = False) -> None:
         server, engine = self.server, self.server.engine
         query_id = params.get("query_id") or str(uuid.uuid4())
         user, key = self._credentials(params)
@@ -393,12 +566,13 @@ class Handler(BaseHTTPRequestHandler):
             self._send_error(EngineError(36, f"Code: 36. DB::Exception: Query is not valid UTF-8. (BAD_ARGUMENTS) "
                                              f"(version {engine.version})"), query_id)
             return
+        # a server skips names ending so only in multipart requests (their external data's own parameters)
         settings = {k: v for k, v in params.items()
                     if k not in RESERVED and not k.startswith("param_")
-                    and not k.endswith(("_structure", "_types", "_format"))}
+                    and not (external and k.endswith(("_structure", "_types", "_format")))}
         entry = {"query": sql, "method": self.command, "session_id": params.get("session_id"), "query_id": query_id,
                  "database": params.get("database"), "settings": settings, "data_bytes": len(data or b""),
-                 "received": time.time(), "status": None}
+                 "received": time.time(), "status": None, "progress_headers": 0}
         with server.log_lock:
             server.log.append(entry)
         if not sql.strip():
@@ -421,18 +595,33 @@ class Handler(BaseHTTPRequestHandler):
             return
         if kind == "stall":
             time.sleep(fault["seconds"])
+        response = self._response(settings)
         try:
-            body_out, fmt, summary = self._execute(sql, data, params, settings)
+            if not server.query_ids.claim(query_id):
+                raise EngineError(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, (
+                    f"Code: 216. DB::Exception: Query with id = {query_id} is already running. "
+                    f"(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING) (version {engine.version})"))
+            try:
+                body_out, fmt, summary = self._execute(sql, data, params, settings, response)
+            finally:
+                server.query_ids.release(query_id)
         except EngineError as err:
-            entry["status"], entry["error_code"], entry["finished"] = http_status(err), err.code, time.time()
+            entry["status"] = 200 if response.started else http_status(err)
+            entry["error_code"], entry["finished"] = err.code, time.time()
+            entry["progress_headers"], entry["client_gone"] = response.headers_sent, response.gone
+            if response.gone:  # cancelled at a progress write: nobody to answer
+                self.close_connection = True
+                return
             if kind in ("late",):
                 time.sleep(fault["seconds"])
             if kind in ("drop", "reset"):
-                self._abort(b"", kind)
+                self._abort(b"", kind, started=response.started)
                 return
-            self._guarded(self._send_error, err, query_id)
+            self._guarded(response.send_error, err, {
+                "X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": engine.timezone,
+                "X-ClickHouse-Summary": response._progress_json().decode()})
             return
-        entry["status"], entry["finished"] = 200, time.time()
+        entry["status"], entry["finished"], entry["progress_headers"] = 200, time.time(), response.headers_sent
         headers = {"Content-Type": CONTENT_TYPES.get(fmt, "application/octet-stream" if fmt in (
                        "Native", "RowBinary", "RowBinaryWithNamesAndTypes", "RowBinaryWithNames") else
                        "text/plain; charset=UTF-8"),
@@ -449,9 +638,21 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "late":
             time.sleep(fault["seconds"])
         if kind in ("drop", "reset"):
-            self._abort(body_out, kind, headers)
+            self._abort(body_out, kind, headers, started=response.started)
             return
-        self._guarded(self._send, 200, body_out, headers)
+        self._guarded(response.send, 200, body_out, headers)
+
+    def _response(self, settings: dict) -> Response:
+        """The response writer for this query's progress settings (the URL's; the engine's defaults: off, 100 ms)."""
+        def on(name: str) -> bool:
+            return settings.get(name, "0").strip().lower() in ("1", "true")
+        try:
+            interval = int(settings.get("http_headers_progress_interval_ms") or 100)
+        except ValueError:
+            interval = 100  # the engine refuses the value when it is SET
+        readonly = self.command == "GET" or settings.get("readonly", "0") not in ("0", "")
+        return Response(self, on("send_progress_in_http_headers"), interval,
+                        readonly and on("cancel_http_readonly_queries_on_client_close"))
 
     def _guarded(self, send, *args) -> None:
         try:
@@ -459,11 +660,14 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away: the query ran anyway, as on a server
             self.close_connection = True
 
-    def _abort(self, body: bytes, kind: str, headers: dict | None = None) -> None:
-        """drop: close without a word; reset: headers and half the body, then a TCP reset."""
+    def _abort(self, body: bytes, kind: str, headers: dict | None = None, started: bool = False) -> None:
+        """drop: close without a word; reset: headers and half the body, then a TCP reset (after progress
+        headers: the reset at once)."""
         self.close_connection = True
         try:
-            if kind == "reset":
+            if kind == "reset" and started:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif kind == "reset":
                 self.send_response(200)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
@@ -478,11 +682,14 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _execute(self, sql: str, data: bytes | None, params: dict, settings: dict) -> tuple[bytes, str, dict]:
+    def _execute(self, sql: str, data: bytes | None, params: dict, settings: dict,
+                 response: Response) -> tuple[bytes, str, dict]:
         server, engine = self.server, self.server.engine
         session_id = params.get("session_id")
         if self.command == "GET":
             settings = {**settings, "readonly": "2"}
+        # the engine takes no query id: this query is found for a cancel by its log_comment (system.processes' Settings)
+        settings = {**settings, "log_comment": settings.get("log_comment") or f"chhttp-{uuid.uuid4()}"}
         binds = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
         fmt = params.get("default_format") or "TabSeparated"
         trailing = TRAILING_FORMAT_RE.search(sql) if data is None else None
@@ -498,14 +705,17 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if session_id:
                 session = server.session(session_id, params, engine)
-                handle = session.handle
+                # a GET applies readonly to its own query only (and the engine cannot take readonly back)
+                handle = readonly_copy(session.handle, engine) if self.command == "GET" else session.handle
             else:
                 handle = engine.handle()
             try:
-                body, summary = self._run(handle, sql, fmt, binds, settings, params.get("database"), bool(session))
+                body, summary = self._run(handle, sql, fmt, binds, settings, params.get("database"),
+                                          session is not None and handle is session.handle,
+                                          response)
                 return body, out_fmt, summary
             finally:
-                if session is None:
+                if session is None or handle is not session.handle:
                     handle.close()
         except EngineError:
             raise
@@ -518,7 +728,7 @@ class Handler(BaseHTTPRequestHandler):
             if tmp:
                 os.unlink(tmp)
 
-    def _run(self, handle, sql, fmt, binds, settings, database, keep):
+    def _run(self, handle, sql, fmt, binds, settings, database, keep, response: Response):
         """SET the request's settings (and USE its database), run, and in a session put them back."""
         restore, old_db = {}, None
         if keep and (settings or database):
@@ -535,7 +745,7 @@ class Handler(BaseHTTPRequestHandler):
                 handle.query(f"SET {name} = {_quote(value)}", "TabSeparated")
             if database:
                 handle.query(f"USE `{database.replace('`', '``')}`", "TabSeparated")
-            result = handle.query(sql, fmt, params=binds) if binds else handle.query(sql, fmt)
+            result = self._watched(handle, sql, fmt, binds, response, settings["log_comment"])
             summary = {"read_rows": str(result.rows_read()), "read_bytes": str(result.bytes_read()),
                        "elapsed_ns": str(int(result.elapsed() * 1e9))}
             return result.bytes() or b"", summary
@@ -544,6 +754,72 @@ class Handler(BaseHTTPRequestHandler):
                 handle.query(f"SET {name} = {_quote(value)}", "TabSeparated")
             if old_db:
                 handle.query(f"USE `{old_db.replace('`', '``')}`", "TabSeparated")
+
+
+    def _watched(self, handle, sql, fmt, binds, response: Response, marker: str):
+        """Run the query on a worker thread while this one writes its progress headers; a client found gone
+        at a progress write cancels it, as a server does (KILL QUERY ... SYNC from another handle: the
+        engine stops at its next block; the blocks inserted before stay)."""
+        out = {}
+
+        def work():
+            try:
+                out["result"] = handle.query(sql, fmt, params=binds) if binds else handle.query(sql, fmt)
+            except Exception as exc:  # noqa: BLE001 - handed to the request's thread
+                out["error"] = exc
+        handle.set_progress_callback(response.on_progress)
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            cancelled = False
+            while worker.is_alive():
+                worker.join(0.02)
+                if worker.is_alive() and not cancelled and not response.tick():
+                    cancelled = True
+                    killer = self.server.engine.handle()
+                    try:
+                        killer.query(f"KILL QUERY WHERE Settings['log_comment'] = {_quote(marker)} SYNC", "TabSeparated")
+                    finally:
+                        killer.close()
+        finally:
+            worker.join()
+            handle.set_progress_callback(None)
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+
+class QueryIds:
+    """The query ids running now: a second query with one of them is refused, as a server refuses it."""
+
+    def __init__(self):
+        self.lock, self.running = threading.Lock(), set()
+
+    def claim(self, query_id: str) -> bool:
+        with self.lock:
+            if query_id in self.running:
+                return False
+            self.running.add(query_id)
+            return True
+
+    def release(self, query_id: str) -> None:
+        with self.lock:
+            self.running.discard(query_id)
+
+
+def readonly_copy(handle, engine: Engine):
+    """A handle with a session's changed settings and current database, for one GET (read-only) query."""
+    rows = handle.query("SELECT name, value FROM system.settings WHERE changed", "JSONEachRow").bytes().decode()
+    database = handle.query("SELECT currentDatabase()", "TabSeparated").bytes().decode().rstrip("\n")
+    copy = engine.handle()
+    try:
+        for row in map(json.loads, rows.splitlines()):
+            copy.query(f"SET {row['name']} = {_quote(row['value'])}", "TabSeparated")
+        copy.query(f"USE `{database.replace('`', '``')}`", "TabSeparated")
+    except Exception:
+        copy.close()
+        raise
+    return copy
 
 
 class Endpoint(ThreadingHTTPServer):
@@ -557,11 +833,14 @@ class Endpoint(ThreadingHTTPServer):
         self.faults, self.log, self.log_lock = Faults(), [], threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.chaos: chaos.Chaos | None = None  # a seeded random fault schedule (--chaos, /__chaos)
+        self.query_ids = QueryIds()
         self.sessions_lock = threading.Lock()
         self.tmpdir = tempfile.mkdtemp(prefix="chhttp-")
 
     def session(self, session_id: str, params: dict, engine: Engine) -> Session:
-        """The session, locked for this query (SESSION_IS_LOCKED if another query holds it)."""
+        """The session, locked for this query (SESSION_IS_LOCKED if another query holds it); its timeout is
+        the latest request's, as a server keeps it."""
+        timeout = session_timeout(params, engine.version)
         now = time.monotonic()
         with self.sessions_lock:
             for sid, s in list(self.sessions.items()):
@@ -573,11 +852,12 @@ class Endpoint(ThreadingHTTPServer):
                 if params.get("session_check") in ("1", "true"):
                     raise EngineError(SESSION_NOT_FOUND, f"Code: 372. DB::Exception: Session {session_id} not found. "
                                                          f"(SESSION_NOT_FOUND) (version {engine.version})")
-                session = Session(engine.handle(), float(params.get("session_timeout") or 60))
+                session = Session(engine.handle(), timeout)
                 self.sessions[session_id] = session
             if not session.lock.acquire(blocking=False):
                 raise EngineError(SESSION_IS_LOCKED, f"Code: 373. DB::Exception: Session {session_id} is locked by a "
                                                      f"concurrent client. (SESSION_IS_LOCKED) (version {engine.version})")
+            session.timeout = timeout
             return session
 
 
