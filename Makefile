@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_CALLS ?= 200000
 DEMO_STORE := $(CURDIR)/.demo/store
 
-.PHONY: demo test test-all test-server test-http serve-http soak soak-embedded lint mutation-check bench bench-narrow bench-scale bench-shards bench-overhead clean
+.PHONY: demo test test-keys-long test-all test-server test-http serve-http soak soak-embedded lint mutation-check bench bench-narrow bench-scale bench-shards bench-overhead clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: $(STAMP)
 # third of the time, so three workers on two cores keep it near 6 minutes (two: 7, one: 14).
 test: lint
 	$(BIN)/python -m pytest -q -n 3
+
+# The property test of the key walk at length: every key type first and later in a key, KEYS_EXAMPLES
+# examples each (default 3), and 20x as many fully random tables (about 15 minutes at the default).
+test-keys-long: $(STAMP)
+	KEYS_EXAMPLES=$${KEYS_EXAMPLES:-3} $(BIN)/python -m pytest -q -p no:xdist -m slow tests/test_key_walk_property.py
 
 # Break one guarantee at a time in a temporary copy; every mutation must make a test fail.
 mutation-check: $(STAMP)

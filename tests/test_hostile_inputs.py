@@ -337,9 +337,11 @@ SOURCE_CASES = [
     ("column-missing", {"checkpoint_columns": ["a", "zz"]},
      "{meta}: field 'checkpoint_columns': column 'zz' is not in {db}.src"),
     ("not-a-prefix", {"checkpoint_columns": ["b"]},
-     "{meta}: field 'checkpoint_columns' ['b'] must be a prefix of {db}.src's sorting key (a, b)"),
+     "{meta}: field 'checkpoint_columns' ['b'] must be a prefix of {db}.src's sorting key (a, b): column 'b' (UInt32) "
+     "is at position 1, where the key has a"),
     ("prefix-out-of-order", {"checkpoint_columns": ["b", "a"]},
-     "{meta}: field 'checkpoint_columns' ['b', 'a'] must be a prefix of {db}.src's sorting key (a, b)"),
+     "{meta}: field 'checkpoint_columns' ['b', 'a'] must be a prefix of {db}.src's sorting key (a, b): column 'b' "
+     "(UInt32) is at position 1, where the key has a"),
     ("table-missing", {"source_table": "nope"}, "{meta}: field 'source_table': table {db}.nope does not exist"),
 ]
 

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import BackfillError
+from ..spec import keytypes
 from ..spec.render import literal
 from . import dedup, preflight
 
-_NUMERIC = ("Int", "UInt", "Float", "Decimal", "Bool")
 # Keys are read as bytes: clickhouse-connect would hand back text that is not UTF-8 as its hex
 # (a position that compares wrong), and FixedString as bytes that do not render.
 _RAW = {"String": "bytes", "FixedString": "bytes"}
@@ -22,19 +22,6 @@ WALK_SETTINGS = ("read_in_order_use_buffering",)  # sent only where the server h
 # Below this a batch is a few granules (up to 8,192 rows each, per part): too coarse a step for the index.
 INDEX_MIN_ROWS = 100_000
 log = logging.getLogger("backfill")
-
-
-def _is_numeric(ch_type: str) -> bool:
-    base = ch_type.replace("LowCardinality(", "")
-    return base.startswith(_NUMERIC)
-
-
-def _is_string(ch_type: str) -> bool:
-    return ch_type.replace("LowCardinality(", "").startswith(("String", "FixedString"))
-
-
-def _is_float(ch_type: str) -> bool:
-    return ch_type.replace("LowCardinality(", "").startswith(("Float", "BFloat"))
 
 
 def is_nan(value) -> bool:
@@ -67,6 +54,12 @@ class KeySpace:
     fast_ends: bool = False  # batch ends from the primary index (mergeTreeIndex), where the server has it
     index_min_rows = INDEX_MIN_ROWS  # a class attribute, so a test can lower it
 
+    def __post_init__(self):
+        for col, typ in self.types.items():  # `check_source` says it first, naming the meta file
+            if keytypes.kind(typ) is None:
+                raise BackfillError(f"{self.database}.{self.table}: checkpoint column {col!r} is {typ}, a type "
+                                    f"the walk cannot hold exactly (it holds {keytypes.SUPPORTED})")
+
     def _walk_settings(self, batch_size: int) -> dict:
         """Read in order in small blocks and without buffering: a batch end then reads about the
         batch's keys from each part, not a 65k-row block of every part (3x faster at 100k rows)."""
@@ -80,20 +73,21 @@ class KeySpace:
         return list(self.types)
 
     def _exact(self, col: str, expr: str) -> str:
-        typ = self.types[col]
-        if _is_string(typ) or (_is_numeric(typ) and not typ.startswith(("Float", "Decimal"))):
-            return expr
-        return f"toString({expr})"  # dates, UUIDs, decimals: exact text that compares back
+        """`expr` read in the form the checkpoint keeps (`spec/keytypes.py`): never ambiguous text."""
+        return keytypes.read(self.types[col], expr)
+
+    def lit(self, col: str, value) -> str:
+        """A constant of the column's own type that is exactly the kept `value`."""
+        return keytypes.sql(self.types[col], value)
 
     def default(self, col: str):
         """What `{checkpoint_<col>}` shows before the first batch."""
-        return 0 if _is_numeric(self.types[col]) else ""
+        return keytypes.default(self.types[col])
 
     def stand_in(self, client) -> list:
         """A key of the columns' own default values (0, '', 1970-01-01 ...) that converts to each type."""
-        exprs = ", ".join(f"toString(defaultValueOfTypeName({literal(self.types[c])}))" for c in self.columns)
-        texts = client.query(f"SELECT {exprs}").result_rows[0]
-        return [0 if _is_numeric(self.types[c]) else t for c, t in zip(self.columns, texts)]
+        exprs = ", ".join(self._exact(c, f"defaultValueOfTypeName({literal(self.types[c])})") for c in self.columns)
+        return [_decoded(v) for v in client.query(f"SELECT {exprs}", query_formats=_RAW).result_rows[0]]
 
     def after(self, position: list | None, end: list | None = None, finite_first: bool = False) -> str:
         """Predicate: key strictly greater than `position` (TRUE when there is none).
@@ -119,8 +113,8 @@ class KeySpace:
         Float key needs its NaN branch spelled out or its NaN rows are never selected. `isNaN` is
         used rather than a negated comparison: the engine's primary index and its logical optimizer
         both assume comparisons are never NaN, and prune or fold `NOT (f <= x)` wrongly."""
-        lit = literal(value)
-        if not _is_float(self.types[col]):
+        lit = self.lit(col, value)
+        if not keytypes.is_float(self.types[col]):
             return f"{col} {op} {lit}"
         if is_nan(value):
             return {">": "0", ">=": f"isNaN({col})", "=": f"isNaN({col})", "<": f"NOT isNaN({col})", "<=": "1"}[op]
@@ -150,7 +144,7 @@ class KeySpace:
         comparison and `max` treat NaN as neither greater nor smaller than anything."""
         parts = []
         for col, expr in zip(self.columns, exprs):
-            parts += [f"isNaN({expr})", f"if(isNaN({expr}), 0, {expr})"] if _is_float(self.types[col]) else [expr]
+            parts += [f"isNaN({expr})", f"if(isNaN({expr}), 0, {expr})"] if keytypes.is_float(self.types[col]) else [expr]
         return "tuple(" + ", ".join(parts) + ")"
 
     def _areas(self, position: list | None, until: list | None) -> list[tuple[str, bool]]:
@@ -158,7 +152,7 @@ class KeySpace:
         order. A Float first column is walked in two parts, its numbers and then its NaN tail: one
         predicate for both could not use the primary index, and every batch would read the table
         from its start."""
-        if not _is_float(self.types[self.columns[0]]):
+        if not keytypes.is_float(self.types[self.columns[0]]):
             return [(self._between(position, until), True)]
         col, areas = self.columns[0], []
         if position is None or not is_nan(position[0]):
@@ -170,7 +164,7 @@ class KeySpace:
 
     def _typed(self, point: list) -> str:
         """A key as a typed tuple, so ClickHouse compares it exactly as it sorts the table."""
-        return self._sortable([f"CAST({literal(v)}, {literal(self.types[c])})" for c, v in zip(self.columns, point)])
+        return self._sortable([self.lit(c, v) for c, v in zip(self.columns, point)])
 
     def next_batch(self, client, position: list | None, batch_size: int,
                    until: list | None = None) -> tuple[list, int] | None:

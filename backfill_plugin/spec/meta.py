@@ -10,6 +10,7 @@ from pathlib import Path
 from migrator.discovery import Migration, discover
 
 from ..errors import BackfillError
+from . import keytypes
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED = {"db", "batch_size", "retry_count", "batch_range"}
@@ -294,8 +295,14 @@ def check_source(client, spec: BackfillSpec, database: str) -> dict[str, str]:
         if "Nullable(" in types[col]:  # NULL compares as neither < nor >: those rows would be skipped
             raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns': column {col!r} is "
                                 f"{types[col]}; a checkpoint column must not be Nullable")
-    key = [part.strip() for part in rows[0][0].split(",") if part.strip()]
+        if keytypes.kind(types[col]) is None:  # the walk could not read its position back exactly
+            raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns': column {col!r} is {types[col]}, "
+                                f"a type the walk cannot hold exactly (it holds {keytypes.SUPPORTED})")
+    key = keytypes.sorting_columns(rows[0][0])
     if key[:len(cols)] != cols:
+        at = next(i for i, col in enumerate(cols) if i >= len(key) or key[i] != col)
+        there = f"the key has {key[at]}" if at < len(key) else "the key has no column"
         raise BackfillError(f"{spec.meta_path}: field 'checkpoint_columns' {cols} must be a prefix of "
-                            f"{database}.{table}'s sorting key ({', '.join(key) or 'none'})")
+                            f"{database}.{table}'s sorting key ({', '.join(key) or 'none'}): column {cols[at]!r} "
+                            f"({types[cols[at]]}) is at position {at + 1}, where {there}")
     return {col: types[col] for col in cols}
