@@ -18,8 +18,8 @@ T = "tests/"
 
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
-    ("a transport fault at the preflight EXPLAIN blames the SQL file", "backfill_plugin/spec/sqlcheck.py",
-     "        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so\n            raise\n",
+    ("a transport fault at the preflight EXPLAIN blames the SQL file", "backfill_plugin/spec/sqlast.py",
+     "    if transport.cause(exc):\n        raise exc\n",
      "",
      [T + "test_transport_faults.py", "-k", "preflight_explain"]),
     ("a state write is not written again across a dropped connection", "backfill_plugin/protocol/checkpoint.py",

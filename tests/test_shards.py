@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from migrator import connection
 from migrator import shards as shardmap
@@ -171,17 +172,32 @@ def assert_totals(c: Cluster, status: str = "completed") -> dict:
     return doc
 
 
-def test_backfill_on_three_shards_each_target_equals_its_source(cluster):
+def test_backfill_on_three_shards_each_target_equals_its_source(cluster, tmp_path):
+    """Also: one metrics file for every walk, each series labelled with its shard; each shard's history
+    holds its own batches."""
     dry = cluster.migrate("backfill", "run", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "shard map: 3 shards" in dry.stdout
     for n, endpoint in enumerate(cluster.endpoints, start=1):
         assert f"  shard {n}: {endpoint.url}" in dry.stdout
     assert dry.stdout.count("-- rendered SQL") == 3
-    proc = cluster.migrate("backfill", "run", "1")
+    metrics = tmp_path / "backfill.prom"
+    proc = cluster.migrate("backfill", "run", "1", "--metrics-file", str(metrics))
     assert proc.returncode == 0, proc.stderr
     assert "backfill 1: 3 of 3 shards completed" in proc.stdout
     cluster.assert_exact()
+    rows = {}
+    for family in text_string_to_metric_families(metrics.read_text()):
+        for sample in family.samples:
+            if sample.name == "migrate_backfill_rows_total":
+                rows[sample.labels["shard"]] = sample.value
+    assert rows.pop("", 0.0) == 0.0  # the series the run opens before it knows its shards stays at zero
+    assert rows == {str(n): float(count) for n, count in enumerate(cluster.counts, start=1)}, rows
+    for endpoint, count in zip(cluster.endpoints, cluster.counts):
+        shards_seen, copied = client_of(endpoint).query(
+            "SELECT groupUniqArray(shard), sumIf(rows, outcome = 'committed') FROM db_management.backfill_history"
+        ).result_rows[0]
+        assert len(shards_seen) == 1 and int(copied) == count, (shards_seen, copied)
     doc = assert_totals(cluster)
     assert doc["shards_completed"] == [1, 2, 3]
     listed = json.loads(cluster.migrate("backfill", "list", "--json").stdout)

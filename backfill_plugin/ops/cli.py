@@ -5,6 +5,7 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -22,7 +23,7 @@ from ..protocol import repair
 from ..protocol import status as status_
 from ..protocol.checkpoint import STATUSES, backfill_id
 from ..protocol.run import BackfillView
-from ..spec.meta import PACING, parse_override
+from ..spec.meta import PACING, find_spec, parse_override
 from . import history as history_
 from . import shards
 from .control import ControlChannel, manager_for
@@ -132,9 +133,11 @@ def shard_options(command):
 
 
 @contextlib.contextmanager
-def _plugin_contexts(mgr, app: App, version: int, options: dict):
-    """What plugins hold while the run lasts (`backfill_run_context`: e.g. the metrics endpoint)."""
-    view = BackfillView(backfill_id(app.database, version), version, app.database, mgr.spec(version).meta)
+def _plugin_contexts(app: App, version: int, options: dict):
+    """What plugins hold while the run lasts (`backfill_run_context`: e.g. the metrics endpoint), on shards
+    too (one endpoint for every walk: each series carries its shard label)."""
+    meta = find_spec(Path(app.migrations_dir), version).meta
+    view = BackfillView(backfill_id(app.database, version), version, app.database, meta)
     with contextlib.ExitStack() as held:
         for ctx in pm.hook.backfill_run_context(backfill=view, options=options):
             if ctx is not None:
@@ -178,7 +181,7 @@ def _run(app: App, version: int, resume: bool, options: dict | None = None, **kw
     with Signals("stopping after the current batch (send again to stop now; the interrupted batch is replayed "
                  "on resume)", f"stopped inside a batch; its range is replayed on resume. Resume with 'migrate "
                  f"backfill resume {version}'", mgr.request_stop, mgr.abandon_batch) as signals, \
-            _plugin_contexts(mgr, app, version, options or {}), progress:
+            _plugin_contexts(app, version, options or {}), progress:
         call = mgr.resume_backfill if resume else mgr.run_backfill
         result = call(app.database, version, on_batch=on_batch, on_throttle=on_throttle, **kwargs)
     elapsed = time.time() - started
@@ -283,8 +286,9 @@ def run(app: App, version, max_batches, batch_size, params, dry_run, key_range, 
         kwargs = dict(batch_size=batch_size, params=_params(params), exact=exact)
         if dry_run:
             return shards.dry_run(app, version, shard, dict(kwargs, key_range=key_range), _print_dry_run)
-        return shards.run(app, version, shard, parallel, dict(
-            kwargs, max_batches=max_batches, key_range=key_range, pacing=_pacing(pacing)))
+        with _plugin_contexts(app, version, _plugin_values(pacing)):
+            return shards.run(app, version, shard, parallel, dict(
+                kwargs, max_batches=max_batches, key_range=key_range, pacing=_pacing(pacing)))
     options = _plugin_values(pacing)
     if dry_run:
         _print_dry_run(version, manager(app).run_backfill(app.database, version, batch_size=batch_size,
@@ -330,7 +334,8 @@ def resume(app: App, version, max_batches, shard, parallel, **pacing):
     """Continue a paused or failed backfill from its checkpoint."""
     shards.refuse_shard_option(app, shard)
     if shards.shard_map(app) is not None:
-        return shards.run(app, version, shard, parallel, dict(max_batches=max_batches, pacing=_pacing(pacing)))
+        with _plugin_contexts(app, version, _plugin_values(pacing)):
+            return shards.run(app, version, shard, parallel, dict(max_batches=max_batches, pacing=_pacing(pacing)))
     if _held_by_other(app):  # the store's holder runs it (nothing to resume) or another one: one line either way
         bid, owner = backfill_id(app.database, version), connection.store_owner(app.target) or {}
         info = control_for(app).live(bid, owner)

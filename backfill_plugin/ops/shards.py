@@ -123,8 +123,9 @@ def open_walks(app: App, only: int | None = None) -> list[Walk]:
         except MigrateError as exc:
             walks.append(Walk(shard, error=str(exc)))
             continue
-        target = connection.resolve(shard.url)
-        walks.append(Walk(shard, manager_for(client, app.migrations_dir, None, target)))
+        mgr = manager_for(client, app.migrations_dir, None, connection.resolve(shard.url))
+        mgr.shard = str(shard.num)  # history rows and metric labels name the shard
+        walks.append(Walk(shard, mgr))
     return walks
 
 

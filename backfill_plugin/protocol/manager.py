@@ -52,6 +52,7 @@ class ClickHouseBackfillManager:
         self.cluster = cluster if replicated is not False else None
         self.migrations_dir = Path(migrations_dir or "migrations")
         self.control = control  # ControlChannel for an embedded store, else None
+        self.shard = ""  # the shard this manager walks, set by the fan-out: hooks label their events with it
         self.sleep = sleep
         self.store = CheckpointStore(state_client(ch_client), self.cluster)
         self.attempts = Attempts(ch_client, self.cluster, sleep)
@@ -95,7 +96,7 @@ class ClickHouseBackfillManager:
             row.checkpoint.pop("lease", None)
             row.checkpoint.pop("throttled", None)
         self._save(row)
-        view = view_of(row, self._spec, self.store.client)
+        view = view_of(row, self._spec, self.store.client, self.shard)
         pm.hook.backfill_status_changed(backfill=view, status=status, error=error)
         self._publish(row)
         return row
@@ -222,7 +223,7 @@ class ClickHouseBackfillManager:
         row = self.store.load(bid) or Row(bid, version, database, "pending", new_checkpoint(spec))
         row.checkpoint = row.checkpoint or new_checkpoint(spec)
         run = Run(self.ch_client, spec, self.keyspace(spec, database), read_template(spec.sql_path), row, exact=exact)
-        run.state_client = self.store.client  # hooks write beside the checkpoint (the batch history)
+        run.state_client, run.shard = self.store.client, self.shard  # hooks write beside the checkpoint, by shard
         cp = row.checkpoint
         repair.start(run, key_range)  # a dry run of a range shows that range (nothing is saved)
         if dry_run:

@@ -32,9 +32,9 @@ class BackfillView:
     shard: str = ""  # the shard the walk runs on; empty when the backfill is not sharded
 
 
-def view_of(row: Row, spec, client=None) -> BackfillView:
+def view_of(row: Row, spec, client=None, shard: str = "") -> BackfillView:
     """The view of a backfill's row, for hooks called outside a run's batches (status changes)."""
-    return BackfillView(row.backfill_id, row.migration_version, row.db_name, spec.meta if spec else {}, client)
+    return BackfillView(row.backfill_id, row.migration_version, row.db_name, spec.meta if spec else {}, client, shard)
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Run:
     scope: str | None = None  # "repair": batches walk checkpoint["repair"], not the backfill's own position
     until: list | None = None  # the last key this run may reach (a repair range's end)
     state_client: object = None  # the checkpoint's client: hooks write beside it (the batch history)
+    shard: str = ""  # the shard this walk runs on (hooks label metrics and history with it); "" unsharded
 
     @property
     def backfill_id(self) -> str:
@@ -68,7 +69,7 @@ class Run:
     @cached_property
     def view(self) -> BackfillView:
         return BackfillView(self.row.backfill_id, self.spec.version, self.row.db_name, self.spec.meta,
-                            self.state_client or self.client)
+                            self.state_client or self.client, self.shard)
 
     @cached_property
     def skips_existing(self) -> bool:

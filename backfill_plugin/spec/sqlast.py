@@ -140,13 +140,20 @@ def parse(client, sql: str, params: dict | None, path, rename: dict | None = Non
     try:
         raw = client.raw_query(f"EXPLAIN AST {sql}", parameters=params or None, fmt="TabSeparatedRaw")
     except Exception as exc:
-        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so
-            raise
-        message = one_line(exc)
-        for scratch, real in (rename or {}).items():
-            message = message.replace(scratch, real)
-        raise BackfillError(f"{path}: {message}") from None
+        raise refusal(exc, path, rename) from None
     return read(raw.decode("utf-8", "replace").splitlines())
+
+
+def refusal(exc: Exception, path, rename: dict | None = None) -> BackfillError:
+    """The engine's refusal of a statement as one line naming `path` (a scratch database named back as the
+    real one); a fault on the way to the server is raised as it is, so that its caller says the SQL was not
+    checked rather than blaming it."""
+    if transport.cause(exc):
+        raise exc
+    message = one_line(exc)
+    for scratch, real in (rename or {}).items():
+        message = message.replace(scratch, real)
+    return BackfillError(f"{path}: {message}")
 
 
 def read(lines: list[str]) -> Shape:

@@ -18,10 +18,9 @@ import logging
 import os
 import re
 
-from migrator import transport
 from migrator.sqltext import _lex
 
-from ..errors import BackfillError, one_line
+from ..errors import BackfillError
 from . import sqlast
 from .render import PLACEHOLDER, placeholders
 
@@ -109,12 +108,7 @@ def explain(client, sql: str, params: dict | None, path, rename: dict | None = N
         client.command(f"EXPLAIN {kind} {sql}", parameters=params or None,
                        settings={"use_index_for_in_with_subqueries": 0, "optimize_move_to_prewhere": 0})
     except Exception as exc:
-        if transport.cause(exc):  # the way to the server failed, not the SQL: the caller says so
-            raise
-        message = one_line(exc)
-        for scratch, real in (rename or {}).items():
-            message = message.replace(scratch, real)
-        raise BackfillError(f"{path}: {message}") from None
+        raise sqlast.refusal(exc, path, rename) from None
 
 
 def warn(warnings: list[str]) -> None:
