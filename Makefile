@@ -35,7 +35,8 @@ mutation-check: $(STAMP)
 
 # Faults at random (tests/chaos.py) over HTTP for SOAK_MINUTES (default 30): three backfills re-run by supervisors,
 # pollers, pause/resume, a migration, kill -9; rounds of new seeds (SOAK_SEED=N replays from seed N). Prints the
-# faults by fault kind and statement kind, the restarts and the verdict of each round.
+# faults by fault kind and statement kind, the restarts and the verdict of each round, then the coverage so far and
+# the pairs not yet hit; fails at the end, naming them, if any applicable pair was never hit.
 soak: $(STAMP)
 	SOAK_MINUTES=$${SOAK_MINUTES:-30} $(BIN)/python -m pytest -q -s -p no:xdist -m slow tests/test_chaos_soak.py
 

@@ -1,18 +1,39 @@
 """A seeded random schedule of transport faults for tests/chhttp.py, and what each request's SQL is.
 
 `python -m tests.chhttp --chaos SEED:RATE` (or `POST /__chaos` {seed, rate, kinds?, statements?,
-max_seconds?}) injects, on a random fraction RATE of the requests, one of the endpoint's transport
-faults: `refuse` (502 or 503 before running), `stall` (wait, then run), `late` (run, then wait
-before answering), `drop` (run, close without answering), `reset` (run, send half the answer,
-reset). `kinds` limits the fault kinds, `statements` the statement kinds (STATEMENTS) that may be
-hit. `GET /__chaos` returns the schedule, every fault injected (with the statement kind it hit) and
-the coverage table; `DELETE /__chaos` turns it off (the log stays until the next POST).
+max_seconds?, boost?}) injects, on a seeded random fraction of the requests (RATE, more on each
+statement kind's first requests: see Weighting), one of the endpoint's transport faults: `refuse`
+(502 or 503 before running), `stall` (wait, then run), `late` (run, then wait before answering),
+`drop` (run, close without answering), `reset` (run, send half the answer, reset). `kinds` limits
+the fault kinds, `statements` the statement kinds (STATEMENTS) that may be hit. `GET /__chaos`
+returns the schedule, every fault injected (with the statement kind it hit) and the coverage table;
+`DELETE /__chaos` turns it off (the log stays until the next POST).
+
+Weighting, so that a run covers every pair of fault kind and statement kind: a flat rate lands
+almost only on the kinds that get most requests (status reads, 'other'), and a kind that gets a
+handful per run (completion check, migration DDL, EXPLAIN, validation, lease claim) may go a whole
+soak without some fault. So the n-th request of a kind (n from 0) is faulted with probability
+`max(rate, min(CAP, boost / (n + 1)))`: a kind's first requests are faulted often, whatever the
+rate, and the rate takes over after a dozen or so (`boost` 0 gives the flat rate). And the fault
+kind is not drawn but dealt in turn: the i-th fault on a kind is `kinds[(seed + STATEMENTS.index(kind)
++ i) % len(kinds)]`, so five faults on a kind cover the five fault kinds, and consecutive seeds (the
+rounds of `make soak`) start the turn one fault kind further on: a kind hit at least once in each
+round is hit by every fault kind within five rounds.
+
+Which pairs apply: all of them (NOT_APPLICABLE is empty, on purpose). Every fault is the endpoint's,
+at the HTTP layer, before the engine runs the statement (refuse, stall) or after (late, drop,
+reset), whatever the SQL; each statement kind is sent as its own HTTP request, so each can meet each
+fault, and each meeting has its own outcome (docs/backfill_runbook.md, "Transient faults"): a
+refused DDL did not run, a dropped one did and the version is dirty; a stalled or late answer
+(within the client's read timeout) is only slow, which for a heartbeat or a lease claim is the case
+to cover. `make soak` fails if any applicable pair was never hit (`missing`).
 
 Reproducing a run: the decision for a request depends only on the seed, the request's statement
-kind and how many requests of that kind came before it (`random.Random(f"{seed}:{kind}:{n}")`). A
-single process replays exactly; with several processes at once the order of requests within a kind
-follows the scheduler, so the same seed gives the same faults to the same per-kind request numbers,
-and the log names which request each hit.
+kind and how many requests of that kind came before it (`random.Random(f"{seed}:{kind}:{n}")`, and
+the turn of fault kinds, which counts the faults dealt to that kind's earlier requests, themselves
+decided the same way). A single process replays exactly; with several processes at once the order
+of requests within a kind follows the scheduler, so the same seed gives the same faults to the same
+per-kind request numbers, and the log names which request each hit.
 
 Classification reads the SQL text and, for rows written to db_management.backfills, the bound
 parameters: a `running` row that names a new lease owner (or follows a row of another status) is a
@@ -41,6 +62,10 @@ STATEMENTS = (
     "migration DDL",
     "other",
 )
+# Pairs (statement kind, fault kind) that cannot occur, with why: none (module docstring, "Which pairs apply").
+NOT_APPLICABLE: dict[tuple[str, str], str] = {}
+APPLICABLE = tuple((s, f) for s in STATEMENTS for f in FAULTS if (s, f) not in NOT_APPLICABLE)
+BOOST, CAP = 1.5, 0.5  # a kind's n-th request is faulted with probability max(rate, min(CAP, boost / (n + 1)))
 MARKER = "/* migrate-backfill "
 _COMMENTS = re.compile(r"\A(?:\s+|/\*.*?\*/|--[^\n]*\n)*", re.DOTALL)
 _DDL = re.compile(r"(CREATE|ALTER|DROP|RENAME|TRUNCATE|EXCHANGE|OPTIMIZE|ATTACH|DETACH)\b", re.IGNORECASE)
@@ -126,7 +151,9 @@ def parse(spec: str) -> dict:
 class Chaos:
     """The schedule: which request gets which fault; the log of every fault injected."""
 
-    def __init__(self, seed: int, rate: float, kinds=None, statements=None, max_seconds: float = 1.0):
+    def __init__(
+        self, seed: int, rate: float, kinds=None, statements=None, max_seconds: float = 1.0, boost: float = BOOST
+    ):
         kinds, statements = list(kinds or FAULTS), list(statements or STATEMENTS)
         for name in kinds:
             if name not in FAULTS:
@@ -136,11 +163,19 @@ class Chaos:
                 raise ValueError(f"unknown statement kind {name!r} (known: {', '.join(STATEMENTS)})")
         if not 0.0 <= float(rate) <= 1.0:
             raise ValueError(f"rate {rate!r} must be within 0..1")
+        if float(boost) < 0:
+            raise ValueError(f"boost {boost!r} must be 0 or more")
         self.seed, self.rate, self.kinds, self.statements = int(seed), float(rate), kinds, statements
-        self.max_seconds, self.on = float(max_seconds), True
+        self.max_seconds, self.boost, self.on = float(max_seconds), float(boost), True
         self.classify, self.lock = Classifier(), threading.Lock()
         self.seen = {k: 0 for k in STATEMENTS}
+        self.dealt = {k: 0 for k in STATEMENTS}  # faults given to each statement kind so far (the turn of fault kinds)
         self.log: list[dict] = []
+
+    def chance(self, n: int) -> float:
+        """The probability that a kind's n-th request (from 0) is faulted: high for a kind's first requests, so
+        that kinds with few requests are hit too (module docstring)."""
+        return max(self.rate, min(CAP, self.boost / (n + 1))) if self.rate > 0 else 0.0
 
     def take(self, sql: str, params: dict) -> tuple[str, dict | None]:
         """(statement kind, the fault spec for this request or None), logging an injected fault."""
@@ -151,10 +186,12 @@ class Chaos:
             if not self.on or kind not in self.statements:
                 return kind, None
             rng = random.Random(f"{self.seed}:{kind}:{n}")
-            if rng.random() >= self.rate:
+            if rng.random() >= self.chance(n):
                 return kind, None
+            turn = self.seed + STATEMENTS.index(kind) + self.dealt[kind]
+            self.dealt[kind] += 1
             fault = {
-                "kind": rng.choice(self.kinds),
+                "kind": self.kinds[turn % len(self.kinds)],
                 "status": rng.choice((502, 503)),
                 "seconds": round(rng.uniform(0.05, self.max_seconds), 3),
             }
@@ -180,6 +217,7 @@ class Chaos:
             return {
                 "seed": self.seed,
                 "rate": self.rate,
+                "boost": self.boost,
                 "on": self.on,
                 "kinds": self.kinds,
                 "statements": self.statements,
@@ -197,7 +235,12 @@ def control(server, method: str, body: bytes) -> tuple[int, dict]:
         try:
             spec = json.loads(body or b"{}")
             server.chaos = Chaos(
-                spec["seed"], spec["rate"], spec.get("kinds"), spec.get("statements"), spec.get("max_seconds", 1.0)
+                spec["seed"],
+                spec["rate"],
+                spec.get("kinds"),
+                spec.get("statements"),
+                spec.get("max_seconds", 1.0),
+                spec.get("boost", BOOST),
             )
         except (KeyError, ValueError, TypeError) as exc:
             return 400, {"error": f"{type(exc).__name__}: {exc}"}
@@ -228,6 +271,24 @@ def table(report: dict) -> str:
         + f"  {sum(totals):>6}"
     )
     return "\n".join(lines)
+
+
+def tally(report: dict, totals: dict | None = None) -> dict:
+    """Adds a run's coverage (a report) to `totals` {"coverage": ..., "requests": ...}, the shape table() reads,
+    so that several runs (the rounds of `make soak`) print and check as one."""
+    totals = totals if totals is not None else {"coverage": {}, "requests": {}}
+    for s, row in report["coverage"].items():
+        into = totals["coverage"].setdefault(s, {})
+        for f, count in row.items():
+            into[f] = into.get(f, 0) + count
+    for s, count in report["requests"].items():
+        totals["requests"][s] = totals["requests"].get(s, 0) + count
+    return totals
+
+
+def missing(report: dict) -> list[tuple[str, str]]:
+    """The applicable (statement kind, fault kind) pairs a run (or a tally) never hit."""
+    return [(s, f) for s, f in APPLICABLE if not report["coverage"].get(s, {}).get(f)]
 
 
 def inject(schedule: Chaos | None, sql: str, params: dict, entry: dict) -> dict | None:

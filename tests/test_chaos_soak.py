@@ -18,7 +18,8 @@ traceback anywhere, and every non-zero exit one line whose cause (network, serve
 is stated and true.
 
 `make test` runs the short form on fixed seeds; `make soak` runs it for SOAK_MINUTES (default 30)
-with more rows and prints the coverage (fault kind x statement kind), the restarts and the verdict.
+with more rows and prints the coverage (fault kind x statement kind), the restarts and the verdict,
+and fails if any applicable pair of fault kind and statement kind was never hit (tests/chaos.py).
 A failing run is reproduced with its seed: SOAK_SEED=N make soak.
 """
 
@@ -292,17 +293,18 @@ def soak(
     kills: int,
     duration: float,
     max_seconds: float = 0.6,
+    boost: float = chaos.BOOST,
 ) -> dict:
     """The soak (module docstring); returns its report. `duration` bounds the chaos phase (the backfills
-    are re-run until done or until it is over, which fails)."""
+    are re-run until done or until it is over, which fails); `boost` weights the schedule (tests/chaos.py)."""
     endpoint = start_endpoint(tmp_path / "chhttp" / "store")
     try:
-        return _soak(endpoint, tmp_path, seed, rate, rows, calls, batch_size, kills, duration, max_seconds)
+        return _soak(endpoint, tmp_path, seed, rate, rows, calls, batch_size, kills, duration, max_seconds, boost)
     finally:
         stop_endpoint(endpoint)
 
 
-def _soak(endpoint, tmp_path, seed, rate, rows, calls, batch_size, kills, duration, max_seconds) -> dict:
+def _soak(endpoint, tmp_path, seed, rate, rows, calls, batch_size, kills, duration, max_seconds, boost) -> dict:
     url, root, rng = endpoint.url, tmp_path / "migrations", random.Random(seed)
     _write_migrations(root, rows, batch_size)
     # The reference: the same data in database `ref`, each backfill run once, uninterrupted, no faults.
@@ -311,7 +313,7 @@ def _soak(endpoint, tmp_path, seed, rate, rows, calls, batch_size, kills, durati
         assert f"backfill {v}: completed" in _ok(_run(_run_args(v, batch_size), ref_env))
     env = _prepare(url, root, "d", calls)
     endpoint.clear_log()
-    endpoint._call("POST", "/__chaos", {"seed": seed, "rate": rate, "max_seconds": max_seconds})
+    endpoint._call("POST", "/__chaos", {"seed": seed, "rate": rate, "max_seconds": max_seconds, "boost": boost})
     started, outputs = time.time(), Outputs()
     deadline = started + duration
     supervisors = [Supervisor(v, env, batch_size, outputs, deadline) for v in (30, 31, 21)]
@@ -459,8 +461,11 @@ def summary(result: dict) -> str:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("seed", [31, 2026])
 def test_chaos_soak_short(request, tmp_path, seed):
-    """The short form `make test` runs: a few hundred statements under faults, fixed seeds."""
-    result = soak(tmp_path, seed, rate=0.08, rows=1_200, calls=1_500, batch_size=150, kills=2, duration=90)
+    """The short form `make test` runs: a few hundred statements under faults, fixed seeds. Flat rate (boost 0)
+    for now: weighted, it meets in most runs the two product defects the weighted soak found (a lost answer to
+    the migrate lock claim, below; a backfill lease claimed on a stale read, which reruns another runner's
+    batches); once they are fixed, drop `boost=0` so that `make test` covers the rare statement kinds too."""
+    result = soak(tmp_path, seed, rate=0.08, rows=1_200, calls=1_500, batch_size=150, kills=2, duration=90, boost=0)
     report(request, "\n" + summary(result))
     assert not result["problems"], summary(result)
     assert result["chaos"]["injected"] >= 10
@@ -469,10 +474,12 @@ def test_chaos_soak_short(request, tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.timeout(0)
 def test_chaos_soak_long(request, tmp_path):
-    """`make soak`: SOAK_MINUTES of rounds (a new seed each round unless SOAK_SEED is given)."""
+    """`make soak`: SOAK_MINUTES of rounds (consecutive seeds from SOAK_SEED, or from the clock), each printing its
+    own coverage, then the coverage so far and the pairs not yet hit; at the end it fails, naming them, if any
+    applicable pair (tests/chaos.py, APPLICABLE) was never hit: a soak that claims coverage proves it."""
     minutes = float(os.environ.get("SOAK_MINUTES", "30"))
     first = int(os.environ.get("SOAK_SEED", "0")) or int(time.time())
-    end, rounds, totals = time.time() + minutes * 60, 0, {}
+    end, rounds, totals = time.time() + minutes * 60, 0, None
     while rounds == 0 or time.time() < end:
         seed = first + rounds
         result = soak(
@@ -486,17 +493,27 @@ def test_chaos_soak_long(request, tmp_path):
             duration=max(120.0, min(900.0, end - time.time())),
         )
         rounds += 1
-        for item in result["chaos"]["log"]:
-            key = (item["statement"], item["fault"])
-            totals[key] = totals.get(key, 0) + 1
-        report(request, "\n" + summary(result))
+        totals = chaos.tally(result["chaos"], totals)
+        gaps = chaos.missing(totals)
+        report(
+            request,
+            "\n" + summary(result) + f"\ncoverage after {rounds} rounds (seeds {first}..{seed}):\n"
+            f"{chaos.table(totals)}\nnot yet hit ({len(gaps)} of {len(chaos.APPLICABLE)} pairs): "
+            + (", ".join(f"{s} x {f}" for s, f in gaps) or "none"),
+        )
         assert not result["problems"], f"seed {seed}: " + summary(result)
-    missing = [(s, f) for s in chaos.STATEMENTS[:-1] for f in chaos.FAULTS if (s, f) not in totals]
+    gaps = chaos.missing(totals)
     report(
         request,
-        f"\nsoak: {rounds} rounds from seed {first}, all passed; fault kind x statement kind never hit: "
-        f"{missing or 'none'}",
+        f"\nsoak: {rounds} rounds from seed {first} in {minutes:g} min, every round passed; "
+        + (
+            f"FAIL: {len(gaps)} applicable pairs (statement kind x fault kind) never hit: "
+            + ", ".join(f"{s} x {f}" for s, f in gaps)
+            if gaps
+            else f"every applicable pair hit ({len(chaos.APPLICABLE)})"
+        ),
     )
+    assert not gaps, f"soak from seed {first}, {rounds} rounds: never hit: {gaps}"
 
 
 def test_chaos_schedule_is_a_function_of_the_seed_and_the_requests_of_each_kind():
@@ -542,3 +559,66 @@ def test_chaos_schedule_is_a_function_of_the_seed_and_the_requests_of_each_kind(
     assert classify("EXPLAIN PIPELINE INSERT INTO d.t SELECT 1") == "EXPLAIN"
     assert classify("SELECT count() FROM d.src") == "completion check"
     assert classify("CREATE TABLE d.x (a UInt8) ENGINE = MergeTree ORDER BY a") == "migration DDL"
+
+
+def test_chaos_schedule_hits_rare_statement_kinds_with_every_fault_kind():
+    """The weighting (no engine, as above): a kind that gets a handful of requests per run is faulted on them far
+    more often than the flat rate would, the fault kinds on a kind are dealt in turn, and consecutive seeds (the
+    rounds of `make soak`) start the turn further on, so five rounds with a handful of requests each cover every
+    applicable pair of those kinds; `missing` names what a tally never hit; boost 0 is the flat rate."""
+    rare = {
+        "completion check": "SELECT count() FROM d.src",
+        "EXPLAIN": "EXPLAIN PIPELINE INSERT INTO d.t SELECT 1",
+        "migration DDL": "CREATE TABLE d.x (a UInt8) ENGINE = MergeTree ORDER BY a",
+        "validation": "SELECT 'rows' AS check, 1 AS expected, 1 AS actual, toUInt8(expected = actual) AS ok",
+    }
+
+    def run(seed, per_kind=6, **kw):
+        schedule = chaos.Chaos(seed, 0.05, **kw)
+        for _ in range(per_kind):
+            for sql in rare.values():
+                schedule.take(sql, {})
+        return schedule.report()
+
+    one = run(1)
+    assert set(one["requests"][k] for k in rare) == {6} and one["injected"] >= 4
+    for kind in rare:  # dealt in turn: the i-th fault on a kind is the fault kind after the (i-1)-th
+        dealt = [f["fault"] for f in one["log"] if f["statement"] == kind]
+        assert all(chaos.FAULTS[(chaos.FAULTS.index(a) + 1) % 5] == b for a, b in zip(dealt, dealt[1:])), dealt
+    totals = None
+    for seed in range(40, 45):
+        totals = chaos.tally(run(seed), totals)
+    assert [pair for pair in chaos.missing(totals) if pair[0] in rare] == []
+    assert totals["requests"]["completion check"] == 30
+    assert ("status read", "refuse") in chaos.missing(totals) and len(chaos.missing(totals)) == 30
+    flat = sum(run(seed, boost=0)["injected"] for seed in range(40, 45))
+    assert flat < sum(sum(row.values()) for row in totals["coverage"].values()) / 3
+    assert chaos.Chaos(1, 0.0).chance(0) == 0.0 and chaos.Chaos(1, 0.3).chance(100) == 0.3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    reason="product defect found by the soak (seed 31 of the short form, with the weighted schedule): an answer "
+    "lost after the migrate lock claim was written leaves the claim of an exited process live for the lock's "
+    "600 s lease; every migrate up/down/force until then stops with 'locked by another migrate'",
+)
+def test_a_lost_answer_to_the_migrate_lock_claim_does_not_lock_out_the_next_migrate(tmp_path):
+    """Aimed at what the soak found (seed 31, `migration DDL` request 0 reset): the endpoint resets the answer to
+    `migrate up`'s lock claim after the claim was written, so that `up` stops with a network error; run again, `up`
+    must apply the migration, not refuse for ten minutes because of a claim whose process has exited."""
+    root = tmp_path / "migrations"
+    root.mkdir()
+    (root / "001_t.up.sql").write_text("CREATE TABLE IF NOT EXISTS {db}.t1 (x UInt8) ENGINE = MergeTree ORDER BY x")
+    (root / "001_t.down.sql").write_text("DROP TABLE IF EXISTS {db}.t1")
+    endpoint = start_endpoint(tmp_path / "chhttp" / "store")
+    try:
+        env = _env(endpoint.url, {"MIGRATE_DIR": str(root)})
+        endpoint.fault("reset", "INSERT INTO db_management.migration_locks")
+        first = _run(["up"], env)
+        assert first.returncode != 0 and "network error: " in first.stderr, first.stderr
+        again = _run(["up"], env)
+        assert again.returncode == 0, again.stderr
+        assert _table_exists(endpoint.url, "d.t1")
+    finally:
+        stop_endpoint(endpoint)
