@@ -5,6 +5,7 @@ never leave a half-updated row and the newest version is the truth.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -13,9 +14,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import transport
 from .cluster import replicated_databases, run_ddl
+from .connection import pid_alive
 from .errors import MigrateError
 from .sqltext import on_cluster
+
+log = logging.getLogger("migrator")
 
 # Reads that decide a write must see the newest row even behind a load balancer or on a lagging
 # replica; the row writes they read must be on a quorum of replicas before they count. Sent on every
@@ -220,6 +225,14 @@ def write_state(client, db_name: str, state: State, table: str = MIGRATIONS) -> 
                settings=QUORUM_WRITE)
 
 
+def _exited_here(owner: str) -> bool:
+    """A claim of a process on this host that no longer exists (`host:pid:random`, see owner_id): it holds
+    nothing, whatever its lease says (a migrate killed -9, or one whose release never reached the server)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and int(pid) > 0 and not pid_alive(int(pid))
+
+
 class AdvisoryLock:
     """One `migrate up/down/force` per database at a time, with a lease that a crash lets expire.
 
@@ -247,7 +260,8 @@ class AdvisoryLock:
             f"FROM {LOCKS} WHERE db_name = {{db:String}} GROUP BY owner",
             parameters={"db": self.db_name}, settings=LATEST_READ).result_rows
         now_ms = time.time() * 1000
-        live = [(claim, owner, exp) for owner, claim, exp, released in rows if not released and exp > now_ms]
+        live = [(claim, owner, exp) for owner, claim, exp, released in rows
+                if not released and exp > now_ms and not _exited_here(owner)]
         if not live:
             return None
         claim, owner, exp = min(live)
@@ -256,16 +270,30 @@ class AdvisoryLock:
     def acquire(self) -> "AdvisoryLock":
         """Claim the lock; a one-line error naming the holder if another migrate has it."""
         self.claim = next_version()
-        self._write(0)
-        for _ in range(2):
-            holder = self._holder()
-            if holder and holder[0] != self.owner:
-                self._write(1)
-                left = max(0, int(holder[1] / 1000 - time.time()))
-                raise MigrateError(f"database {self.db_name!r} is locked by another migrate ({holder[0]}); "
-                                   f"it finishes or its lease expires in {left}s")
-            time.sleep(self.grace_seconds)
+        try:
+            self._write(0)
+            for _ in range(2):
+                holder = self._holder()
+                if holder and holder[0] != self.owner:
+                    self._write(1)
+                    left = max(0, int(holder[1] / 1000 - time.time()))
+                    raise MigrateError(f"database {self.db_name!r} is locked by another migrate ({holder[0]}); "
+                                       f"it finishes or its lease expires in {left}s")
+                time.sleep(self.grace_seconds)
+        except MigrateError:
+            raise
+        except BaseException:
+            self._give_back()
+            raise
         return self
+
+    def _give_back(self) -> None:
+        """A claim whose answer was lost may have landed all the same: release it, so that the next migrate
+        does not wait out its lease (if even that fails, a claim of this host's exited process is not live)."""
+        try:
+            transport.retry(lambda: self._write(1), "release of the migrate lock")
+        except Exception as exc:  # the error that stopped the claim is the one to report
+            log.warning("could not release the migrate lock claim %s: %s", self.owner, exc)
 
     def renew(self) -> None:
         """Extend the lease while a long migration runs."""

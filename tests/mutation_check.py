@@ -18,6 +18,17 @@ T = "tests/"
 
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
+    # Found by the chaos soak: a claim on a stale read, and a lock claim whose answer was lost.
+    ("a backfill claim written on a stale read (the position moves back over committed batches)",
+     "backfill_plugin/protocol/lease.py",
+     "    if newest is not None and newest.version != row.version:\n", "    if False:\n",
+     [T + "test_takeover_and_halving.py", "-k", "stale_read"]),
+    ("a migrate lock claim whose answer was lost is not given back", "migrator/tracking.py",
+     "            self._give_back()\n            raise\n", "            raise\n",
+     [T + "test_transport_faults.py", "-k", "lock_claim"]),
+    ("a lock claim of an exited process on this host stays live for its lease", "migrator/tracking.py",
+     "if not released and exp > now_ms and not _exited_here(owner)]", "if not released and exp > now_ms]",
+     [T + "test_migrator.py", "-k", "killed_holder"]),
     ("a transport fault at the preflight EXPLAIN blames the SQL file", "backfill_plugin/spec/sqlast.py",
      "    if transport.cause(exc):\n        raise exc\n",
      "",

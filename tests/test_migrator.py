@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -180,6 +182,25 @@ def test_two_concurrent_ups_only_one_applies(ch_client, db, migrations, migrator
     st = migrator_for(db, root).status()
     assert (st["current_version"], st["dirty"]) == (1, False)
     assert migrator_for(db, root).down(0) == [1]  # the lock was released by both
+
+
+def test_a_lock_claim_of_a_killed_holder_on_this_host_holds_nothing(ch_client, db):
+    """A `migrate up` killed -9 (or one whose release never reached the server) leaves its claim row live for
+    the 600 s lease; a claim naming a process of this host that no longer exists holds nothing."""
+    tracking.ensure_schema(ch_client)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = tracking.AdvisoryLock(ch_client, db)
+    killed.owner, killed.claim = f"{socket.gethostname()}:{gone.pid}:killed", tracking.next_version()
+    killed._write(0)
+    live = tracking.AdvisoryLock(ch_client, db)
+    live.owner = f"{socket.gethostname()}:{os.getpid()}:other"
+    live.claim = tracking.next_version()
+    live._write(0)  # a live holder of this host still refuses
+    with pytest.raises(MigrateError, match="locked by another migrate"):
+        tracking.AdvisoryLock(ch_client, db).acquire()
+    live.release()
+    tracking.AdvisoryLock(ch_client, db).acquire().release()
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])

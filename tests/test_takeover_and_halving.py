@@ -7,6 +7,8 @@ import threading
 import time
 
 from backfill_plugin import ClickHouseBackfillManager
+from backfill_plugin.errors import BackfillError
+from backfill_plugin.protocol import lease
 from backfill_plugin.protocol.batch import Batch
 from backfill_plugin.protocol.checkpoint import CheckpointStore, backfill_id
 from tests.conftest import (
@@ -128,3 +130,29 @@ def test_crash_after_the_halved_insert_then_resume_is_exact(ch_client, db, share
     result = ClickHouseBackfillManager(ch_client, migrations_dir=root).run_backfill(db, 1)
     assert (result["stopped"], result["rows_processed"]) == ("completed", rows)
     assert_copied_exactly(ch_client, db, rows)
+
+
+def test_a_claim_on_a_stale_read_never_moves_the_position_back(ch_client, db, shared_store_backfill):
+    """Found by the chaos soak (seed 32 of the weighted short form: 300 keys twice in an anti-join target). Runner
+    B reads the row, then spends time planning its SQL; meanwhile runner A claims and commits batches. B's claim
+    must not write the position it read (that moves the walk back over A's batches, which B would then write
+    again as first attempts): B stops without a write, and a later run goes on from A's position, exact."""
+    root = shared_store_backfill(source_sql(1_000), COPY_SQL, meta(100))
+    runner_a = ClickHouseBackfillManager(ch_client, migrations_dir=root)
+    runner_a.run_backfill(db, 1, max_batches=1)
+    store, bid = CheckpointStore(ch_client), backfill_id(db, 1)
+    stale = store.load(bid)  # what runner B read when it started
+    runner_a.run_backfill(db, 1, max_batches=3)  # A claims and commits three more batches meanwhile
+    moved = store.load(bid)
+    assert moved.checkpoint["position"] != stale.checkpoint["position"]
+    runner_b = ClickHouseBackfillManager(ch_client, migrations_dir=root)
+    try:
+        lease.claim(store, stale, runner_b.owner, lambda r: store.save(r))
+    except BackfillError as exc:
+        assert "changed while this run was starting" in str(exc) and "nothing was written" in str(exc), exc
+    else:
+        raise AssertionError("a claim on a stale read was written")
+    newest = store.load(bid)
+    assert newest.version == moved.version and newest.checkpoint["position"] == moved.checkpoint["position"]
+    assert runner_b.run_backfill(db, 1)["stopped"] == "completed"
+    assert_copied_exactly(ch_client, db, 1_000)

@@ -13,7 +13,7 @@ import pytest
 
 from backfill_plugin.errors import BackfillError
 from backfill_plugin.protocol import preflight
-from migrator import connection
+from migrator import connection, tracking
 from tests import test_http_endpoint as http_tests
 from tests.test_http_endpoint import migrate, ok
 
@@ -93,3 +93,18 @@ def test_state_write_is_written_again_across_one_dropped_connection(http_endpoin
     )
     assert again == 1  # the dropped row was written a second time, as the same version
     assert_copied_exactly(hclient, hdb, rows)
+
+
+def test_a_lock_claim_whose_answer_was_lost_is_given_back(http_endpoint, hclient, hdb):
+    """Found by the chaos soak (seed 31 of the weighted short form, `migration DDL` request 0 reset): the claim
+    row of the migrate lock lands, its answer is reset, and the claim stayed live for its 600 s lease, naming a
+    process that had given up. The claimant releases what may have landed; a second claimant in the same live
+    process (so that no exited-process rule can help) gets the lock at once. The reset is the endpoint's."""
+    tracking.ensure_schema(hclient)
+    http_endpoint.fault("reset", "INSERT INTO db_management.migration_locks")
+    with pytest.raises(Exception) as caught:
+        tracking.AdvisoryLock(hclient, hdb).acquire()
+    assert connection.transport.cause(caught.value) == "network", caught.value
+    other = tracking.AdvisoryLock(connection.connect(connection.resolve(http_endpoint.url)), hdb)
+    other.acquire()
+    other.release()

@@ -82,7 +82,18 @@ def refuse_second_runner(row, me: str) -> None:
 
 
 def claim(store, row, owner: str, set_running, settle: float = 0.2) -> None:
-    """Take the lease; a runner that claimed at the same instant makes exactly one side back off."""
+    """Take the lease; a runner that claimed at the same instant makes exactly one side back off.
+
+    The claim carries the position this run read when it started. If the state changed since (another
+    runner claimed and committed batches meanwhile, while this one planned its SQL), writing the claim
+    would move the position back over committed batches, and a walk from there writes them again: so the
+    row is read once more just before the claim, and a newer one stops this run without a write."""
+    newest = store.load(row.backfill_id)
+    if newest is not None and newest.version != row.version:
+        by = (newest.checkpoint.get("lease") or {}).get("owner")
+        raise BackfillError(f"backfill {row.backfill_id} changed while this run was starting (another runner or "
+                            f"command wrote its state: now {newest.status}{', lease ' + by if by else ''}); "
+                            f"nothing was written: run again")
     row.checkpoint["lease"] = new_lease(owner)
     set_running(row)
     time.sleep(settle)  # let a runner that claimed at the same instant land its row, then re-check
