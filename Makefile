@@ -22,7 +22,7 @@ lint: $(STAMP)
 # Three workers, each with its own embedded store: the suite waits on subprocesses and sleeps about a
 # third of the time, so three workers on two cores keep it near 6 minutes (two: 7, one: 14).
 test: lint
-	$(BIN)/python -m pytest -q -n 3
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal
 
 # The property test of the key walk at length: every key type first and later in a key, KEYS_EXAMPLES
 # examples each (default 3), and 20x as many fully random tables (about 15 minutes at the default).
