@@ -32,6 +32,12 @@ UP = (
     "SETTINGS non_replicated_deduplication_window = 1000;\n"
 )
 COPY = "INSERT INTO {db}.dst SELECT a, b, v FROM {db}.src WHERE {batch_range}"
+VALIDATE = (
+    "SELECT 'rows_equal' AS check, (SELECT count() FROM (SELECT a, b, v FROM {db}.src WHERE {batch_range} EXCEPT "
+    "SELECT a, b, v FROM {db}.dst WHERE {batch_range})) + (SELECT count() FROM (SELECT a, b, v FROM {db}.dst WHERE "
+    "{batch_range} EXCEPT SELECT a, b, v FROM {db}.src WHERE {batch_range})) AS actual, 0 AS expected, "
+    "toUInt8(actual = expected) AS ok"
+)
 META = {
     "migration_version": 1,
     "batch_size": 100,
@@ -48,6 +54,7 @@ def write_migrations(root: Path) -> Path:
     (root / "001_x.down.sql").write_text("DROP TABLE IF EXISTS {db}.dst; DROP TABLE IF EXISTS {db}.src")
     (root / "001_x.backfill.sql").write_text(COPY)
     (root / "001_x.backfill.meta").write_text(json.dumps(META))
+    (root / "001_x.backfill.validate.sql").write_text(VALIDATE)
     return root
 
 
@@ -205,6 +212,12 @@ def test_backfill_on_three_shards_each_target_equals_its_source(cluster, tmp_pat
     status = cluster.migrate("status")
     assert status.returncode == 0 and "the shards disagree" not in status.stdout
     assert status.stdout.count("version 1, pending none") == 3
+    valid = cluster.migrate("backfill", "validate", "1")
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+    client_of(cluster.endpoints[1]).command(f"INSERT INTO {cluster.database}.dst VALUES ('zzz-stray', 1, 'x')")
+    stray = cluster.migrate("backfill", "validate", "1", "--restart")
+    assert stray.returncode == 1 and "validate 1 failed on 1 of 3 shards: shard 2 " in stray.stderr, stray.stderr
+    assert stray.stdout.count("validation of backfill 1 passed") == 2, stray.stdout  # shards 1 and 3
 
 
 def test_kill_9_of_the_driver_resumes_every_shard_from_its_own_checkpoint(cluster):
