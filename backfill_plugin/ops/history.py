@@ -87,7 +87,12 @@ FINAL = ("committed", "failed", "refused")  # the last attempt of a batch: its b
 UNKNOWN_TABLE = 60
 STOP_WAIT_SECONDS = 30.0  # how long a stopping runner waits for its history rows to be written
 
-_buffers: dict[str, list[dict]] = {}  # backfill_id -> rows not handed to the writer yet
+_buffers: dict[tuple, list[dict]] = {}  # (backfill_id, shard) -> rows not handed to the writer yet
+
+
+def _key(backfill) -> tuple:
+    """One buffer per walk: on shards the walks of one backfill share its id, each writes to its own shard."""
+    return backfill.backfill_id, getattr(backfill, "shard", "") or ""
 _ready: dict[int, object] = {}  # id(client) -> client whose history table is known to exist
 _handles: dict[object, tuple] = {}  # id(checkpoint client) -> (it, the writer's handle on the same store or server)
 
@@ -197,7 +202,7 @@ def _handle(client):
 
 def flush(backfill, wait: bool = False) -> None:
     """Hand what is buffered for `backfill` to the writer; with `wait`, return once it is written."""
-    rows = _buffers.pop(backfill.backfill_id, None)
+    rows = _buffers.pop(_key(backfill), None)
     if rows and backfill.client is not None:
         _writer.submit(_handle(backfill.client), rows)
     if wait:
@@ -207,7 +212,7 @@ def flush(backfill, wait: bool = False) -> None:
 @hookimpl
 def backfill_batch_attempted(backfill, event):
     """Buffer the event (a throttle wait replaces its own earlier reading); write the batch's rows at its end."""
-    rows, row = _buffers.setdefault(backfill.backfill_id, []), _row(backfill, event)
+    rows, row = _buffers.setdefault(_key(backfill), []), _row(backfill, event)
     same_wait = (
         rows
         and row["outcome"] == "throttled"
