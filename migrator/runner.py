@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cluster as clustering
-from . import tracking
+from . import tracking, transport
 from .discovery import Migration, discover, read_text
 from .errors import MigrateError, one_line
 from .plugins import load_plugins, pm
@@ -136,6 +136,9 @@ class Migrator:
                 try:
                     clustering.run_ddl(client, stmt)
                 except Exception as exc:
+                    if transport.cause(exc):  # the way to the server failed, not the file: say so first
+                        raise MigrateError(f"{one_line(exc)}; version {mig.version} ({path.name}, statement {i + 1} "
+                                           f"of {len(statements)}) did not finish") from exc
                     raise MigrateError(f"{path.name}: version {mig.version} failed: {one_line(exc)}") from exc
                 lock.renew()
         finally:

@@ -18,6 +18,10 @@ T = "tests/"
 
 # (name, file, original text, mutated text, tests that must catch it)
 MUTATIONS = [
+    ("a migration statement lost on the network blames its file", "migrator/runner.py",
+     "                    if transport.cause(exc):  # the way to the server failed, not the file: say so first\n",
+     "                    if False:\n",
+     [T + "test_transport_faults.py", "-k", "migration_statement"]),
     # Found by the chaos soak: a claim on a stale read, and a lock claim whose answer was lost.
     ("a backfill claim written on a stale read (the position moves back over committed batches)",
      "backfill_plugin/protocol/lease.py",

@@ -108,3 +108,19 @@ def test_a_lock_claim_whose_answer_was_lost_is_given_back(http_endpoint, hclient
     other = tracking.AdvisoryLock(connection.connect(connection.resolve(http_endpoint.url)), hdb)
     other.acquire()
     other.release()
+
+
+def test_a_migration_statement_whose_answer_was_lost_names_the_network_not_the_file(http_endpoint, hdb, tmp_path):
+    """Found by the 30-minute chaos soak (seed 1796661514, `migration DDL` drop): `migrate up` ended
+    `error: 040_late.up.sql: version 40 failed: network error: ...`, a line that reads as if the file were wrong.
+    The line now starts with what failed and still names the version and its file; the version stays dirty, as
+    its statement may have run (the runbook's repair applies). The drop is the endpoint's."""
+    root = tmp_path / "migrations"
+    root.mkdir()
+    (root / "001_late.up.sql").write_text("CREATE TABLE IF NOT EXISTS {db}.late (x UInt8) ENGINE = MergeTree ORDER BY x")
+    (root / "001_late.down.sql").write_text("DROP TABLE IF EXISTS {db}.late")
+    http_endpoint.fault("drop", "CREATE TABLE IF NOT EXISTS " + hdb + ".late")
+    line = _one_line(migrate(http_endpoint.url, hdb, root, "up"))
+    assert line.startswith("error: network error: connection closed without an answer"), line
+    assert "version 1 (001_late.up.sql, statement 1 of 1) did not finish" in line, line
+    assert not re.search(r"\.sql: ", line), line
