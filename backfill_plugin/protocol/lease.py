@@ -90,6 +90,7 @@ def claim(store, row, owner: str, set_running, settle: float = 0.2) -> None:
     row is read once more just before the claim, and a newer one stops this run without a write."""
     newest = store.load(row.backfill_id)
     if newest is not None and newest.version != row.version:
+        refuse_second_runner(newest, owner)  # another runner holds it now: the usual refusal
         by = (newest.checkpoint.get("lease") or {}).get("owner")
         raise BackfillError(f"backfill {row.backfill_id} changed while this run was starting (another runner or "
                             f"command wrote its state: now {newest.status}{', lease ' + by if by else ''}); "
